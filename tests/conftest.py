@@ -1,0 +1,58 @@
+"""Shared fixtures: contained vLLM files, the tiny offline model, engine jobs in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+
+# vLLM leaves IPC sockets and temp files behind; keep them (and its compile cache) in .cache.
+for var, sub in {"VLLM_CACHE_ROOT": "vllm", "VLLM_RPC_BASE_PATH": "ipc", "TMPDIR": "tmp",
+                 "TRITON_CACHE_DIR": "triton", "HF_HOME": "hf"}.items():
+    os.environ.setdefault(var, str(CACHE / sub))
+    Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                   "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+    os.environ.setdefault(var, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """A tiny random-weight Llama (4 layers, 2 KV heads, head size 64) and its tokenizer."""
+    out = CACHE / "models" / "tiny"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)],
+                       check=True, capture_output=True)
+    return str(out)
+
+
+def run_engine_job(spec: dict, workdir: Path, *, vanilla: bool = False,
+                   dump_dir: Path | None = None, timeout: int = 600) -> dict:
+    """Run tests/helpers/engine_job.py in a fresh process; vanilla=True disables every plugin."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.pop("VLLM_EVICT_DUMP_DIR", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # offline engines must not write a server's metrics
+    if vanilla:
+        env["VLLM_PLUGINS"] = ""
+    if dump_dir is not None:
+        env["VLLM_EVICT_DUMP_DIR"] = str(dump_dir)
+    log = workdir / "engine.log"
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "tests.helpers.engine_job", str(spec_path),
+                               str(out_path)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"engine job failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
+    result = json.loads(out_path.read_text())
+    result["log"] = log.read_text()
+    return result

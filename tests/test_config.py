@@ -1,0 +1,74 @@
+"""EvictionConfig: validation messages, per-request overrides, and the length formula."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vllm_evict.config import EvictionConfig, EvictionConfigError
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"policy": "lru"}, "kv_eviction.policy: unknown policy 'lru'; allowed: none, "),
+    ({"budget": 0}, "kv_eviction.budget: must be an integer > 0"),
+    ({"budget": -3}, "kv_eviction.budget: must be an integer > 0; got -3"),
+    ({"budget": 12.5}, "kv_eviction.budget: must be an integer; got 12.5 (float)"),
+    ({"budget": "2048"}, "kv_eviction.budget: must be an integer; got '2048' (str)"),
+    ({"budget": True}, "kv_eviction.budget: must be an integer; got True (bool)"),
+    ({"budget": 36}, "budget must be > sink_tokens + window = 4 + 32 = 36; got budget=36"),
+    ({"slack": -1}, "kv_eviction.slack: must be an integer >= 0"),
+    ({"sinks": 4}, "kv_eviction.sinks: unknown field; allowed fields: policy, budget"),
+])
+def test_bad_values_name_the_field_and_what_is_allowed(values, needle):
+    with pytest.raises(EvictionConfigError) as err:
+        EvictionConfig.parse(values)
+    assert needle in str(err.value)
+
+
+def test_defaults_and_additional_config_forms():
+    assert EvictionConfig.from_additional_config(None) is None
+    assert EvictionConfig.from_additional_config({"other": 1}) is None
+    assert EvictionConfig.from_additional_config({"kv_eviction": {}}) == EvictionConfig()
+    assert EvictionConfig.from_additional_config({"kv_eviction": "streaming"}).policy == "streaming"
+    with pytest.raises(EvictionConfigError, match="expected a mapping"):
+        EvictionConfig.from_additional_config({"kv_eviction": 5})
+
+
+def test_request_overrides():
+    server = EvictionConfig(policy="streaming", budget=512)
+    assert server.for_request(None) is server
+    assert server.for_request({"temperature_hint": 1}) is server  # not ours: ignored
+    assert server.for_request({"kv_budget": 256}).budget == 256
+    assert server.for_request({"kv_eviction": "none"}).evicts is False
+    with pytest.raises(EvictionConfigError, match=r"vllm_xargs.kv_budget: must be an integer"):
+        server.for_request({"kv_budget": "256"})
+    with pytest.raises(EvictionConfigError, match=r"vllm_xargs.kv_eviction: unknown policy"):
+        server.for_request({"kv_eviction": "nope"})
+    with pytest.raises(EvictionConfigError, match="per-request eviction keys are"):
+        server.for_request({"kv_slack": 3})
+
+
+def test_physical_length_examples():
+    cfg = EvictionConfig(policy="streaming", budget=100, slack=10, window=8)
+    assert [cfg.physical_length(c) for c in (0, 50, 110, 111, 112, 121, 122)] == \
+        [0, 50, 110, 100, 101, 110, 100]
+    assert EvictionConfig(budget=100, slack=10, window=8).physical_length(5000) == 5000  # none
+    assert cfg.physical_length(300, num_prompt_tokens=400) == 300  # mid-prompt: nothing yet
+    assert cfg.physical_length(400, num_prompt_tokens=400) == 100 + (400 - 111) % 11
+
+
+@given(budget=st.integers(40, 300), slack=st.integers(0, 64), prompt=st.integers(1, 2000),
+       steps=st.lists(st.integers(1, 300), min_size=1, max_size=40))
+def test_physical_length_never_grows_faster_than_tokens(budget, slack, prompt, steps):
+    """The property compaction relies on: the next boundary's length is reachable by compacting
+    what is held (old length + new tokens), it stays within budget + slack once evicting, and
+    it equals the logical length until then (and until the prompt is computed)."""
+    cfg = EvictionConfig(policy="streaming", budget=budget, slack=slack)
+    c = 0
+    for n in steps:
+        held = cfg.physical_length(c, prompt) + n
+        c += n
+        p = cfg.physical_length(c, prompt)
+        assert p <= held
+        assert p == c if (c <= cfg.cap or c < prompt) else budget <= p <= cfg.cap

@@ -1,0 +1,211 @@
+"""Load and fuzz against a real `vllm serve`: mixed policies and budgets, full-cache requests,
+aborts, disconnects and bad requests, in a KV pool small enough to force preemption.
+
+Passes when every finished request is correct (greedy: the tokens of the same request served
+alone; an eviction request that was preempted restarts its eviction, so for those only the
+length is checked), the server stays healthy, the page pool is whole again afterwards (no page
+leaked), and the plugin's metrics add up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers.server import VllmServer
+from vllm_evict.config import EvictionConfigError
+from vllm_evict.engine.validation import check_request
+
+pytestmark = pytest.mark.server
+
+PAGES = 40
+SERVER_KV = {"policy": "none", "budget": 96, "sink_tokens": 4, "window": 16, "slack": 32,
+             "budget_max": 256}
+SERVER_ARGS = [
+    "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--block-size", "32",
+    "--num-gpu-blocks-override", str(PAGES), "--max-num-batched-tokens", "256",
+    "--max-num-seqs", "16", "--seed", "0",
+    "--kv-eviction", "none", "--kv-budget", "96", "--kv-window", "16", "--kv-slack", "32",
+    "--kv-budget-max", "256",
+]
+POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "random"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    # Dev mode exposes POST /reset_prefix_cache?reset_running_requests=true, which preempts
+    # every running request on demand.
+    srv = VllmServer(tiny_model, SERVER_ARGS, tmp_path_factory.mktemp("load") / "serve.log",
+                     env={"VLLM_SERVER_DEV_MODE": "1"})
+    yield srv
+    srv.stop()
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+def _model(server: VllmServer) -> str:
+    return server.proc.args[2]
+
+
+async def _complete(client, server, prompt, xargs, max_tokens):
+    res = await client.completions.create(
+        model=_model(server), prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+        extra_body={"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})})
+    return res.choices[0].text, res.usage.completion_tokens, res.id
+
+
+async def _abort_after(client, server, prompt, xargs, chunks):
+    stream = await client.completions.create(
+        model=_model(server), prompt=prompt, max_tokens=400, temperature=0.0, stream=True,
+        extra_body={"ignore_eos": True, "vllm_xargs": xargs})
+    seen = 0
+    async for _ in stream:
+        seen += 1
+        if seen >= chunks:
+            break
+    await stream.close()
+    return seen
+
+
+async def _disconnect(server, prompt):
+    async with httpx.AsyncClient(timeout=30) as http, http.stream(
+            "POST", f"{server.url}/v1/completions",
+            json={"model": _model(server), "prompt": prompt, "max_tokens": 400, "stream": True,
+                  "ignore_eos": True, "vllm_xargs": {"kv_eviction": "h2o"}}) as response:
+        async for _ in response.aiter_lines():
+            break  # drop the connection after the first event
+
+
+async def test_mixed_load_loses_nothing(server):
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    rng = random.Random(5)
+    jobs = []  # (prompt, xargs, max_tokens)
+    for i, policy in enumerate(POLICIES):
+        jobs.append((_ids(500 + i, rng.randrange(300, 600)),
+                     {"kv_eviction": policy, "kv_budget": rng.choice([64, 96, 128])}, 96))
+    for i in range(4):
+        jobs.append((_ids(600 + i, rng.randrange(200, 400)), {"kv_eviction": "none"}, 96))
+    jobs.append((_ids(700, 350), None, 80))  # the server default (none)
+    before = server.metrics()
+
+    finished = [_complete(client, server, p, x, n) for p, x, n in jobs]
+    aborted = [_abort_after(client, server, _ids(800 + i, 500), {"kv_eviction": "streaming"}, 5)
+               for i in range(2)]
+    bad = [_complete(client, server, _ids(900, 20), {"kv_budget": 999}, 4),
+           _complete(client, server, _ids(901, 20), {"kv_eviction": 3}, 4)]
+    results = await asyncio.gather(*finished, *aborted, _disconnect(server, _ids(950, 500)), *bad,
+                                   return_exceptions=True)
+    served, rest = results[: len(jobs)], results[len(jobs):]
+    assert all(not isinstance(r, BaseException) for r in served), served
+    assert [r[1] for r in served] == [n for _, _, n in jobs]
+    assert rest[:2] == [5, 5]
+    assert all(isinstance(r, openai.BadRequestError) for r in rest[-2:]), rest[-2:]
+
+    # Healthy, and every page is back in the pool (usage 0) once the engine is idle.
+    await asyncio.sleep(2.0)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    after = server.metrics()
+    assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
+    assert after["vllm:kv_cache_usage_perc"] == 0.0, "pages leaked"
+    preemptions = after["vllm:num_preemptions_total"] - before.get("vllm:num_preemptions_total", 0)
+    assert preemptions > 0, "the pool was meant to be small enough to force preemption"
+
+    # Metrics add up: one request count per request that reached the engine.
+    reached = len(jobs) + 3  # + 2 aborted + 1 disconnected (the 400s never reach it)
+    assert after["vllm_evict:requests_total"] - before.get("vllm_evict:requests_total", 0) == reached
+    logged = re.findall(r"evicted_tokens=(\d+) pages_freed=(\d+)", server.log())
+    assert after["vllm_evict:tokens_evicted_total"] == sum(int(e) for e, _ in logged)
+
+    # Correct: each finished request again, alone, gives the same tokens (unless an eviction
+    # request was preempted, which restarts its eviction).
+    preempted = set(re.findall(r"vllm-evict: request (\S+) preempted", server.log()))
+    compared = 0
+    for (prompt, xargs, n), (text, _, rid) in zip(jobs, served, strict=True):
+        evicting = xargs is not None and xargs.get("kv_eviction") != "none"
+        if evicting and any(p.startswith(rid) for p in preempted):
+            continue
+        alone, _, _ = await _complete(client, server, prompt, xargs, n)
+        assert alone == text, (xargs, rid)
+        compared += 1
+    assert compared >= len(jobs) - 4
+    print(f"\nload: {len(jobs)} served, 2 aborted, 1 disconnected, 2 rejected; "
+          f"preemptions {preemptions:g}; compared alone {compared}; preempted eviction "
+          f"requests {len(preempted)}")
+
+
+async def test_preempted_eviction_requests_restart_and_finish(server):
+    """Force-preempt running eviction requests mid-decode: vLLM recomputes them from scratch,
+    the plugin resets their eviction state, and they finish with every token, no page lost."""
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    policies = ["streaming", "h2o", "pyramidkv"]
+    decoding = [asyncio.Event() for _ in policies]
+
+    async def stream(i: int, policy: str) -> int:
+        tokens = 0
+        response = await client.completions.create(
+            model=_model(server), prompt=_ids(1000 + i, 300), max_tokens=700, temperature=0.0,
+            stream=True, extra_body={"ignore_eos": True, "vllm_xargs": {"kv_eviction": policy}})
+        async for chunk in response:
+            tokens += 1 if chunk.choices and chunk.choices[0].text else 0
+            if tokens == 5:  # decoding, so past the first compaction (prompt 300 > 96 + 32)
+                decoding[i].set()
+        return tokens
+
+    async def preempt_all() -> None:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in decoding)), timeout=120)
+        async with httpx.AsyncClient(timeout=60) as http:
+            r = await http.post(f"{server.url}/reset_prefix_cache",
+                                params={"reset_running_requests": "true"})
+            assert r.status_code == 200, r.text
+
+    log_before = len(server.log())
+    *counts, _ = await asyncio.gather(*(stream(i, p) for i, p in enumerate(policies)),
+                                      preempt_all())
+    assert all(c > 600 for c in counts), counts  # streamed on to the end after the restart
+    new_log = server.log()[log_before:]
+    assert len(re.findall(r"vllm-evict: request \S+ preempted at (\d+) tokens", new_log)) >= 1
+    done = re.findall(r"vllm-evict: request \S+ done: policy=(\w+) budget=\d+ logical_len=(\d+)",
+                      new_log)
+    assert sorted(p for p, _ in done) == sorted(policies)
+    assert all(int(n) == 300 + 699 for _, n in done)  # every token computed (last one never fed)
+    await asyncio.sleep(1.0)
+    assert server.metrics()["vllm:kv_cache_usage_perc"] == 0.0
+
+
+XARG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10_000), st.floats(-1, 5000),
+                        st.text(max_size=12), st.sampled_from(["none", *POLICIES]),
+                        st.lists(st.integers(0, 5), max_size=3))
+XARGS = st.dictionaries(st.sampled_from(["kv_eviction", "kv_budget", "kv_window", "kv_x",
+                                         "other"]), XARG_VALUES, max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(xargs=XARGS)
+def test_fuzzed_vllm_xargs_get_a_clear_400_or_are_served(server, xargs):
+    # vLLM's own schema takes str | int | float | list values (None is a 400 there, and bools
+    # arrive as ints); everything it accepts is then ours to judge.
+    schema_ok = all(v is not None for v in xargs.values())
+    try:
+        check_request({"kv_eviction": SERVER_KV},
+                      {k: int(v) if isinstance(v, bool) else v for k, v in xargs.items()})
+        expect_ok = schema_ok
+    except EvictionConfigError:
+        expect_ok = False
+    response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": _model(server), "prompt": _ids(1, 40), "max_tokens": 2, "vllm_xargs": xargs})
+    if response.status_code == 400:
+        assert not expect_ok, response.text
+        assert "vllm_xargs" in response.json()["error"]["message"] + str(response.json()["error"].get("param"))
+    else:
+        assert response.status_code == 200 and expect_ok, (response.status_code, response.text)
+    assert httpx.get(f"{server.url}/health").status_code == 200

@@ -1,0 +1,149 @@
+"""Every policy through the real engine: HF reproduces its logprobs under its kept sets, and its
+kept sets are the top scores of an independent plain-torch computation on HF's own Q/K/V."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import run_engine_job
+from vllm_evict.oracle import compare, load_reference_model, reference_logprobs
+from vllm_evict.worker.dump import read_dump, records_for
+
+pytestmark = pytest.mark.engine
+
+SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16}
+POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "random"]
+UNIFORM = [p for p in POLICIES if p != "pyramidkv"]  # same visible count in every layer
+PROMPT = [random.Random(21).randrange(10, 4000) for _ in range(300)]
+STEPS = 120
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    sampling = {"max_tokens": STEPS, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+    spec = {"engine": {"model": tiny_model, "max_model_len": 2048, "dtype": "float32",
+                       "enforce_eager": True, "seed": 0, "block_size": 32,
+                       "max_num_batched_tokens": 256, "additional_config": {"kv_eviction": SERVER}},
+            "requests": [{"prompt_token_ids": PROMPT, "sampling": sampling,
+                          "extra_args": {"kv_eviction": p}} for p in POLICIES]}
+    work = tmp_path_factory.mktemp("policies")
+    out = run_engine_job(spec, work / "run", dump_dir=work / "dump")
+    records = read_dump(work / "dump")
+    return {p: (r, records_for(records, r["request_id"]))
+            for p, r in zip(POLICIES, out["results"], strict=True)}
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    return load_reference_model(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def captures(runs, hf):
+    """Per policy: HF's keys and attention probabilities under that policy's kept sets."""
+    out = {}
+    for policy, (result, records) in runs.items():
+        capture: dict = {}
+        reference_logprobs(hf, PROMPT, result["token_ids"], records, capture)
+        out[policy] = capture
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_hf_reproduces_the_logprobs(runs, hf, policy):
+    result, records = runs[policy]
+    assert len(records) >= 5
+    report = compare(hf, PROMPT, result["token_ids"], result["logprobs"], records)
+    assert report["max_abs_dlogprob"] <= TOLERANCE and report["argmax_matches"] == STEPS, report
+
+
+def test_score_policies_choose_different_tokens(runs):
+    first_sets = {p: runs[p][1][-1]["kept"][1][0][:40] for p in UNIFORM}
+    assert len({tuple(v) for v in first_sets.values()}) == len(UNIFORM), first_sets
+
+
+def _expected_scores(policy: str, layer: dict, positions: torch.Tensor, computed: int,
+                     kv_heads: int) -> torch.Tensor:
+    """Independent scores of `positions` [kv_heads, n] at a compaction with `computed` tokens."""
+    probs = layer["probs"]  # [q_heads, T, T]: rows are queries, HF eager, under the kept masks
+    per_kv = probs.reshape(kv_heads, -1, *probs.shape[1:]).sum(1).double()  # [kv_heads, T, T]
+    heads = torch.arange(kv_heads)[:, None]
+    if policy == "streaming":
+        return positions.double()
+    if policy == "h2o":  # every query so far
+        return per_kv[:, :computed].sum(1)[heads, positions]
+    if policy == "tova":  # the latest query
+        return per_kv[:, computed - 1][heads, positions]
+    if policy == "snapkv":  # last 64 prompt queries, max-pooled over the prompt; then decode sums
+        n = len(PROMPT)
+        window = per_kv[:, n - 64:n, :n].sum(1)
+        pooled = F.max_pool1d(window[:, None], 5, stride=1, padding=2)[:, 0]
+        pooled = torch.cat([pooled, torch.zeros(kv_heads, per_kv.shape[-1] - n, dtype=pooled.dtype)], 1)
+        return (pooled + per_kv[:, n:computed].sum(1))[heads, positions]
+    keys = layer["keys"].double()[heads, positions]  # [kv_heads, n, D]
+    if policy == "keydiff":
+        mean = keys.mean(1, keepdim=True)
+        return 1 - F.cosine_similarity(keys, mean, dim=-1)
+    if policy == "knorm":
+        return -keys.norm(dim=-1)
+    if policy == "random":
+        g = torch.Generator().manual_seed(computed)
+        return torch.rand((len(layer["all_layers"]), kv_heads, positions.shape[1]), generator=g)[
+            layer["index"]].double()
+    raise AssertionError(policy)
+
+
+def _kept_sets_follow(scores_policy: str, records: list[dict], capture: dict) -> bool:
+    """Were the kept sets the protected tokens plus the top scores among the candidates?"""
+    cfg = SERVER
+    previous, previous_len = None, 0
+    for rec in sorted(records, key=lambda r: r["logical_len"]):
+        computed = rec["logical_len"]
+        for li, kept_layer in enumerate(rec["kept"]):
+            layer = {**capture[li], "index": li, "all_layers": rec["kept"]}
+            kv_heads = len(kept_layer)
+            new = list(range(previous_len, computed))
+            cands = torch.tensor([(previous[li][h] if previous else []) + new for h in range(kv_heads)])
+            scores = _expected_scores(scores_policy, layer, cands, computed, kv_heads)
+            for h in range(kv_heads):
+                kept = set(kept_layer[h])
+                protected = (cands[h] < cfg["sink_tokens"]) | (cands[h] >= computed - cfg["window"])
+                if not set(cands[h][protected].tolist()) <= kept:
+                    return False
+                free = ~protected
+                is_kept = torch.tensor([p in kept for p in cands[h].tolist()])
+                if (is_kept & free).any() and (~is_kept & free).any():
+                    worst_kept = scores[h][is_kept & free].min()
+                    best_dropped = scores[h][~is_kept & free].max()
+                    if worst_kept < best_dropped - 1e-5 * max(1.0, float(best_dropped.abs())):
+                        return False
+        previous, previous_len = rec["kept"], computed
+    return True
+
+
+@pytest.mark.parametrize("policy", UNIFORM)
+def test_kept_sets_are_the_top_independent_scores(runs, captures, policy):
+    assert _kept_sets_follow(policy, runs[policy][1], captures[policy])
+
+
+def test_pyramidkv_layers_see_shrinking_budgets_of_the_best_snapkv_tokens(runs, captures):
+    """At the end of prefill every layer holds the same entries, and layer l's attention sees
+    its budget (64 -> 21 over 4 layers) of the highest SnapKV scores."""
+    first = min(runs["pyramidkv"][1], key=lambda r: r["logical_len"])
+    assert first["logical_len"] == len(PROMPT)  # it waited for the end of prefill
+    assert [[len(h) for h in layer] for layer in first["kept"]] == [[64] * 2, [50] * 2,
+                                                                   [35] * 2, [21] * 2]
+    assert _kept_sets_follow("snapkv", [first], captures["pyramidkv"])
+    assert not _kept_sets_follow("h2o", [first], captures["pyramidkv"])
+
+
+@pytest.mark.parametrize("policy, judged_as", [("h2o", "tova"), ("tova", "h2o"),
+                                               ("snapkv", "h2o"), ("keydiff", "knorm")])
+def test_the_score_check_fails_for_the_wrong_statistic(runs, captures, policy, judged_as):
+    """Negative control: the same kept sets judged by another policy's scores must fail."""
+    assert not _kept_sets_follow(judged_as, runs[policy][1], captures[policy])

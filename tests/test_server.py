@@ -1,0 +1,172 @@
+"""A real `vllm serve` with the plugin, driven over HTTP by the openai client.
+
+The server's default is StreamingLLM with a 128-token budget; requests may opt out with
+vllm_xargs {"kv_eviction": "none"}. Its KV pool is fixed at 96 pages of 32 tokens (3072
+tokens), small enough that six long requests cannot all fit without eviction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+
+import openai
+import pytest
+
+from tests.helpers.server import VllmServer
+
+pytestmark = pytest.mark.server
+
+BUDGET, WINDOW, SLACK, PAGE, PAGES = 128, 16, 32, 32, 96
+SERVER_ARGS = [
+    "--enforce-eager", "--max-model-len", "2048", "--block-size", str(PAGE),
+    "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", str(PAGES),
+    "--max-num-seqs", "16", "--seed", "0",
+    "--kv-eviction", "streaming", "--kv-budget", str(BUDGET), "--kv-window", str(WINDOW),
+    "--kv-slack", str(SLACK),
+]
+LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog while the server keeps "
+                      "only a window of recent tokens and a few sinks"] * 40)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    srv = VllmServer(tiny_model, SERVER_ARGS, tmp_path_factory.mktemp("serve") / "serve.log")
+    print(f"\nvllm serve healthy after {srv.start_seconds:.1f} s")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+def _evictions(server: VllmServer) -> dict[str, int]:
+    """request id -> evicted_tokens, from the scheduler's per-request log lines."""
+    found = re.findall(r"vllm-evict: request (\S+) done: .* evicted_tokens=(\d+)", server.log())
+    return {rid: int(n) for rid, n in found}
+
+
+async def test_completion_streaming_and_not_agree_and_evict(server, client):
+    prompt = _ids(11, 400)
+    kwargs = dict(model=server_model(server), prompt=prompt, max_tokens=48, temperature=0.0,
+                  extra_body={"ignore_eos": True})
+    full = await client.completions.create(**kwargs)
+    assert full.usage.prompt_tokens == 400 and full.usage.completion_tokens == 48
+    assert full.choices[0].finish_reason == "length"
+    pieces = [chunk.choices[0].text async for chunk in await client.completions.create(
+        **kwargs, stream=True) if chunk.choices]
+    assert "".join(pieces) == full.choices[0].text
+    await asyncio.sleep(0.5)
+    assert any(n >= 400 - BUDGET - SLACK for n in _evictions(server).values())
+
+
+async def test_chat_streaming_and_not_agree(server, client):
+    kwargs = dict(model=server_model(server), max_tokens=32, temperature=0.0,
+                  messages=[{"role": "user", "content": LONG_TEXT}],
+                  extra_body={"ignore_eos": True})
+    full = await client.chat.completions.create(**kwargs)
+    assert full.usage.prompt_tokens > BUDGET + SLACK
+    assert full.choices[0].message.content
+    pieces = [chunk.choices[0].delta.content or "" async for chunk in
+              await client.chat.completions.create(**kwargs, stream=True) if chunk.choices]
+    assert "".join(pieces) == full.choices[0].message.content
+
+
+async def test_per_request_policy_changes_the_output(server, client):
+    prompt = _ids(12, 400)
+    outs = []
+    for xargs in ({"kv_eviction": "none"}, {"kv_eviction": "streaming", "kv_budget": 64}, None):
+        res = await client.completions.create(
+            model=server_model(server), prompt=prompt, max_tokens=64, temperature=0.0,
+            extra_body={"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})})
+        outs.append(res.choices[0].text)
+    assert outs[0] != outs[1] and outs[0] != outs[2] and outs[1] != outs[2]
+
+
+@pytest.mark.parametrize("xargs, needle", [
+    ({"kv_eviction": "bogus"}, "allowed: none, "),
+    ({"kv_budget": 10}, "budget must be > sink_tokens + window"),
+    ({"kv_budget": "big"}, "must be an integer"),
+    ({"kv_budget": -5}, "must be an integer > 0"),
+    ({"kv_window": 8}, "per-request eviction keys are"),
+])
+async def test_bad_request_values_get_400_and_the_server_keeps_serving(server, client, xargs, needle):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.completions.create(model=server_model(server), prompt=_ids(13, 50),
+                                        max_tokens=4, extra_body={"vllm_xargs": xargs})
+    assert err.value.status_code == 400 and needle in str(err.value)
+    ok = await client.completions.create(model=server_model(server), prompt=_ids(14, 50),
+                                         max_tokens=4)
+    assert ok.choices[0].finish_reason == "length"
+
+
+async def _load(server, client, xargs, seeds, prompt_len=900, max_tokens=300):
+    """Run concurrent long requests while sampling vLLM's own gauges and counters."""
+    before = server.metrics()
+    peak = {"running": 0.0, "kv_usage": 0.0}
+    done = asyncio.Event()
+
+    async def sample():
+        while not done.is_set():
+            m = await asyncio.to_thread(server.metrics)
+            peak["running"] = max(peak["running"], m.get("vllm:num_requests_running", 0))
+            peak["kv_usage"] = max(peak["kv_usage"], m.get("vllm:kv_cache_usage_perc", 0))
+            await asyncio.sleep(0.05)
+
+    async def one(seed):
+        res = await client.completions.create(
+            model=server_model(server), prompt=_ids(seed, prompt_len), max_tokens=max_tokens,
+            temperature=0.0, extra_body={"ignore_eos": True, "vllm_xargs": xargs})
+        return res.usage.completion_tokens
+
+    sampler = asyncio.create_task(sample())
+    tokens = await asyncio.gather(*(one(s) for s in seeds))
+    done.set()
+    await sampler
+    after = server.metrics()
+    preempted = after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0)
+    return {"completion_tokens": tokens, "peak_running": peak["running"],
+            "peak_kv_usage": peak["kv_usage"], "preemptions": preempted}
+
+
+async def test_evicted_pages_go_back_to_the_pool(server, client):
+    """Six requests of 900 + 300 tokens need 228 pages without eviction; the pool has 96."""
+    n = 6
+    evict = await _load(server, client, {"kv_eviction": "streaming"}, range(100, 100 + n))
+    full = await _load(server, client, {"kv_eviction": "none"}, range(200, 200 + n))
+    print(f"\nwith eviction: {evict}\nwithout:       {full}")
+    assert evict["completion_tokens"] == [300] * n and full["completion_tokens"] == [300] * n
+    assert evict["peak_running"] == n and evict["preemptions"] == 0
+    assert full["peak_running"] < n or full["preemptions"] > 0
+    assert evict["peak_kv_usage"] < full["peak_kv_usage"]
+
+
+def server_model(server: VllmServer) -> str:
+    return server.proc.args[2]
+
+
+async def test_metrics_add_up_with_the_per_request_log(server, client):
+    """vllm_evict:* metrics on vLLM's /metrics agree with the scheduler's per-request lines."""
+    await asyncio.gather(*(client.completions.create(
+        model=server_model(server), prompt=_ids(300 + i, 500), max_tokens=40, temperature=0.0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"kv_eviction": policy}})
+        for i, policy in enumerate(["h2o", "streaming", "tova", "none"])))
+    await asyncio.sleep(1.0)
+    m = server.metrics()
+    logged = re.findall(r"vllm-evict: request \S+ done: .* evicted_tokens=(\d+) pages_freed=(\d+)",
+                        server.log())
+    assert m["vllm_evict:tokens_evicted_total"] == sum(int(e) for e, _ in logged)
+    assert m["vllm_evict:pages_freed_total"] == sum(int(p) for _, p in logged)
+    assert m["vllm_evict:kept_fraction_count"] == len(logged)
+    assert m["vllm_evict:compactions_total"] >= len(logged)
+    assert m["vllm_evict:requests_total"] >= 4
+    assert m["vllm_evict:scoring_seconds_total"] > 0 and m["vllm_evict:compaction_seconds_total"] > 0
+    assert m["vllm:num_requests_running"] == 0  # vLLM's own metrics are still exported

@@ -1,0 +1,77 @@
+"""The CPU statistics path (observe_layer) on a synthetic paged cache: query blocking must not
+change any statistic, and the masked recompute must equal attention over the visible entries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_evict.attention import stats
+from vllm_evict.kernels.paged import gather_paged
+from vllm_evict.kernels.scoring import attention_probs_reference
+
+PAGE, HEADS, GROUP, DIM, BLOCKS = 8, 2, 2, 16, 20
+
+
+def _setup(seed: int, seq: int, n: int):
+    g = torch.Generator().manual_seed(seed)
+    key = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    pages = torch.randperm(BLOCKS, generator=g)[: -(-seq // PAGE)].to(torch.int32)
+    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
+    table[0, : len(pages)] = pages
+    query = torch.randn(n, HEADS * GROUP, DIM, generator=g)
+    return key, value, table, query
+
+
+def _observe(ob, seq, n, key, value, table, query, block):
+    scores = torch.full((BLOCKS, PAGE, HEADS), 0.5)
+    output = torch.zeros(n, HEADS * GROUP, DIM)
+    cache = torch.empty(1)
+    plan = stats.StepPlan([ob], [scores], {cache.data_ptr(): 0})
+    old, stats.QUERY_BLOCK = stats.QUERY_BLOCK, block
+    try:
+        stats.observe_layer(plan, cache, key, value, query, output, torch.tensor([0, n]),
+                            torch.tensor([seq]), table, 0.25)
+    finally:
+        stats.QUERY_BLOCK = old
+    return scores, output
+
+
+@pytest.mark.parametrize("kind, extra", [
+    (stats.Observe.ACCUMULATE, {}),
+    (stats.Observe.LATEST, {}),
+    (stats.Observe.WINDOW, {"window_from": 9, "window_starts": True, "window_ends": True,
+                            "pool_kernel": 5}),
+])
+def test_query_blocks_do_not_change_statistics(kind, extra):
+    seq, n = 61, 40
+    key, value, table, query = _setup(0, seq, n)
+    ob = stats.Observation(0, kind, **extra)
+    whole, _ = _observe(ob, seq, n, key, value, table, query, block=1000)
+    blocked, _ = _observe(ob, seq, n, key, value, table, query, block=7)
+    assert torch.allclose(whole, blocked, atol=1e-6)
+    assert not torch.equal(whole, torch.full_like(whole, 0.5))  # something was written
+
+
+def test_masked_recompute_is_attention_over_visible_entries():
+    seq, n = 30, 1
+    key, value, table, query = _setup(1, seq, n)
+    hidden = torch.zeros(HEADS, 20, dtype=torch.bool)
+    hidden[0, 3:9] = True
+    hidden[1, 10:12] = True
+    ob = stats.Observation(0, stats.Observe.ACCUMULATE, hidden=[hidden])
+    _, output = _observe(ob, seq, n, key, value, table, query, block=256)
+    keys = gather_paged(key, table[0, :4].long(), seq)
+    values = gather_paged(value, table[0, :4].long(), seq)
+    want = torch.zeros(n, HEADS * GROUP, DIM)
+    for q_head in range(HEADS * GROUP):
+        h = q_head // GROUP
+        visible = torch.ones(seq, dtype=torch.bool)
+        visible[:20] = ~hidden[h]
+        logits = (query[0, q_head] @ keys[h, visible].T) * 0.25
+        want[0, q_head] = torch.softmax(logits, -1) @ values[h, visible]
+    assert torch.allclose(output, want, atol=1e-5)
+    probs = attention_probs_reference(query, keys, 0.25)
+    assert not torch.allclose(output, torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(
+        n, -1, DIM), atol=1e-3)  # the mask mattered

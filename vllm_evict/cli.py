@@ -1,0 +1,162 @@
+"""Engine-argument integration: `vllm serve` flags, and the one place the engine config is set.
+
+`--kv-eviction`, `--kv-budget`, ... are added to vLLM's own argument parser (they show in
+`vllm serve --help`) and folded into `additional_config["kv_eviction"]`, which is also where
+`--additional-config` and `LLM(additional_config=...)` put them. `create_engine_config` then
+validates that block once, before any engine process starts, and selects the plugin's
+scheduler and worker classes for this engine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from vllm_evict.config import ADDITIONAL_CONFIG_KEY, EvictionConfig, EvictionConfigError
+
+logger = logging.getLogger("vllm.evict")
+
+SCHEDULER_CLS = "vllm_evict.engine.scheduler.EvictionScheduler"
+CPU_WORKER_CLS = "vllm_evict.worker.worker.EvictionCPUWorker"
+GPU_WORKER_CLS = "vllm_evict.worker.worker.EvictionGPUWorker"
+
+# flag -> EvictionConfig field
+_FLAGS: dict[str, str] = {
+    "kv_eviction": "policy",
+    "kv_budget": "budget",
+    "kv_sink_tokens": "sink_tokens",
+    "kv_window": "window",
+    "kv_slack": "slack",
+    "kv_request_override": "request_override",
+    "kv_allowed_policies": "allowed_policies",
+    "kv_budget_min": "budget_min",
+    "kv_budget_max": "budget_max",
+}
+
+
+def add_eviction_args(parser: argparse.ArgumentParser) -> None:
+    from vllm_evict.policies import policy_summaries
+
+    summaries = policy_summaries()
+    defaults = EvictionConfig()
+    listing = "; ".join(f"{name}: {text}" for name, text in summaries.items())
+    group = parser.add_argument_group(
+        "KV eviction (vllm-evict)",
+        "Keep at most --kv-budget KV entries per request, layer and KV head; evicted pages go "
+        "back to the pool. Clients may override per request with "
+        'vllm_xargs {"kv_eviction": NAME, "kv_budget": N}.',
+    )
+    group.add_argument(
+        "--kv-eviction",
+        choices=list(summaries),
+        default=argparse.SUPPRESS,
+        metavar="POLICY",
+        help=f"Eviction policy for requests that do not choose one. Policies: {listing}.",
+    )
+    group.add_argument("--kv-budget", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help=f"KV entries kept per (layer, KV head). Default {defaults.budget}.")
+    group.add_argument("--kv-sink-tokens", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help=f"First tokens always kept. Default {defaults.sink_tokens}.")
+    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help=f"Most recent tokens always kept. Default {defaults.window}.")
+    group.add_argument("--kv-slack", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="Tokens a request may grow past the budget before it is compacted "
+                       f"back. Default {defaults.slack}.")
+    group.add_argument("--kv-request-override", choices=["allow", "deny"], default=argparse.SUPPRESS,
+                       help="Whether requests may choose kv_eviction / kv_budget in vllm_xargs. "
+                       "Default allow.")
+    group.add_argument("--kv-allowed-policies", default=argparse.SUPPRESS, metavar="P1,P2",
+                       help="Policies requests may choose (comma-separated; none is always "
+                       "allowed). Default: every policy.")
+    group.add_argument("--kv-budget-min", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="Smallest budget a request may ask for. Default sinks + window + 1.")
+    group.add_argument("--kv-budget-max", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="Largest budget a request may ask for. Default: no limit.")
+
+
+def fold_flags(args: argparse.Namespace, additional_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Merge the --kv-* flags given on the command line over additional_config["kv_eviction"]."""
+    given = {field: getattr(args, flag) for flag, field in _FLAGS.items()
+             if getattr(args, flag, None) is not None}
+    if not given:
+        return additional_config
+    merged = dict(additional_config or {})
+    section = merged.get(ADDITIONAL_CONFIG_KEY) or {}
+    if isinstance(section, str):
+        section = {"policy": section}
+    merged[ADDITIONAL_CONFIG_KEY] = {**section, **given}
+    return merged
+
+
+def configure_engine(engine_args: Any) -> EvictionConfig | None:
+    """Validate the eviction config and select the plugin's classes. Runs before engines start."""
+    cfg = EvictionConfig.from_additional_config(engine_args.additional_config)
+    if cfg is None:
+        return None
+    engine_args.additional_config = {**engine_args.additional_config,
+                                     ADDITIONAL_CONFIG_KEY: cfg.model_dump(mode="json")}
+
+    from vllm.platforms import current_platform
+
+    if engine_args.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise EvictionConfigError(
+            f"kv_eviction needs scheduler_cls={SCHEDULER_CLS}; got {engine_args.scheduler_cls!r}. "
+            "Remove --scheduler-cls or drop the eviction config."
+        )
+    engine_args.scheduler_cls = SCHEDULER_CLS
+    worker_cls = CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
+    if engine_args.worker_cls not in ("auto", worker_cls):
+        raise EvictionConfigError(
+            f"kv_eviction needs worker_cls={worker_cls}; got {engine_args.worker_cls!r}. "
+            "Remove --worker-cls or drop the eviction config."
+        )
+    engine_args.worker_cls = worker_cls
+    if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        # The data path hooks the V1 model runner (see docs/model-runner-v2.md). Set before the
+        # worker processes are spawned, so they inherit it.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return cfg
+
+
+def install() -> None:
+    """Wrap EngineArgs.add_cli_args / from_cli_args / create_engine_config. Idempotent."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_vllm_evict_installed", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+    original_create = EngineArgs.create_engine_config
+
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        add_eviction_args(parser)
+        return parser
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = original_from(cls, args)
+        engine_args.additional_config = fold_flags(args, engine_args.additional_config)
+        try:  # fail like argparse does, before any engine process starts
+            cfg = EvictionConfig.from_additional_config(engine_args.additional_config)
+        except EvictionConfigError as exc:
+            sys.exit(f"vllm serve: error: {exc}")
+        if cfg is not None and hasattr(args, "port"):  # `vllm serve` (the frontend adds --port)
+            from vllm_evict.metrics import enable_multiprocess_collection
+
+            enable_multiprocess_collection()
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        cfg = configure_engine(self)
+        vllm_config = original_create(self, *args, **kwargs)
+        if cfg is not None:
+            logger.info("vllm-evict enabled: %s", cfg.describe())
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs._vllm_evict_installed = True

@@ -1,0 +1,1 @@
+"""Scheduler side: per-request eviction configs, page accounting, request validation."""

@@ -1,0 +1,86 @@
+"""The Policy interface: a policy scores the tokens a request holds; the base class selects.
+
+A policy is a small dataclass with a `score()` method, one per file. Higher scores are kept.
+Selection is the same for every policy: the sink tokens and the recent window are always kept,
+then the highest scores fill the budget, per (layer, KV head), with the same count in every
+head, and the kept tokens stay in logical order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_evict.config import EvictionConfig
+
+
+class Statistic(enum.Enum):
+    """What a policy needs measured on the attention path to score tokens."""
+
+    NONE = "none"
+    KEYS = "keys"
+    LATEST_QUERY_ATTENTION = "latest_query_attention"
+    ACCUMULATED_ATTENTION = "accumulated_attention"
+    PREFILL_WINDOW_ATTENTION = "prefill_window_attention"
+
+
+class SelectWhen(enum.Enum):
+    """When a policy chooses what to keep."""
+
+    OVER_BUDGET = "whenever the request would pass budget + slack"
+    END_OF_PREFILL = "at the end of prefill, then whenever it would pass budget + slack"
+
+
+@dataclass
+class SelectionInput:
+    """What a policy sees about one request at a compaction.
+
+    positions: [layers, kv_heads, P] logical position of every held entry (physical order).
+    scores: [layers, kv_heads, P] float32 attention statistic, for policies that measure one.
+    keys: [layers, kv_heads, P, head_dim] held keys, for Statistic.KEYS policies.
+    """
+
+    request_id: str
+    positions: torch.Tensor
+    num_computed_tokens: int
+    target_length: int
+    config: EvictionConfig
+    scores: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+
+@dataclass
+class Policy:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    statistic: ClassVar[Statistic] = Statistic.NONE
+    select_when: ClassVar[SelectWhen] = SelectWhen.OVER_BUDGET
+
+    def score(self, inp: SelectionInput) -> torch.Tensor:
+        """[layers, kv_heads, P] scores; higher is kept. By default the measured statistic."""
+        if inp.scores is None:
+            raise ValueError(f"policy {self.name!r} needs {self.statistic.value} scores")
+        return inp.scores
+
+    def ranked_scores(self, inp: SelectionInput) -> torch.Tensor:
+        """Scores with the sink tokens and the recent window raised to +inf (always kept)."""
+        scores = self.score(inp).to(torch.float32).clone()
+        cfg = inp.config
+        protected = (inp.positions < cfg.sink_tokens) | (
+            inp.positions >= inp.num_computed_tokens - cfg.window
+        )
+        scores[protected] = float("inf")
+        return scores
+
+    def select(self, inp: SelectionInput) -> torch.Tensor:
+        """[layers, kv_heads, target] physical indices to keep, ascending in every row."""
+        kept = torch.topk(self.ranked_scores(inp), inp.target_length, dim=-1, sorted=False).indices
+        return kept.sort(dim=-1).values
+
+    def visible(self, inp: SelectionInput, keep: torch.Tensor) -> torch.Tensor | None:
+        """[layers, kv_heads, target] bool: which kept entries attention may see. None (the
+        default) means all of them; a policy with per-layer budgets hides the rest."""
+        return None

@@ -1,0 +1,204 @@
+"""The model-runner side of eviction (vLLM's V1 runner: CPU, and GPU with V1 selected).
+
+Two hooks, both at the step boundary:
+  _update_states: before vLLM applies the scheduler's output (which appends new pages and may
+      hand pages this step freed to other requests), compact every scheduled request whose held
+      length passes `physical_length(num_computed_tokens)` and drop the pages the scheduler
+      freed from its block-table row.
+  _prepare_inputs: after vLLM computed logical positions, make `seq_lens` and `slot_mapping`
+      physical by subtracting each request's `evicted` count. Positions stay logical (RoPE).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from vllm_evict.attention import stats
+from vllm_evict.config import EvictionConfig, EvictionConfigError
+from vllm_evict.kernels.compaction import compact_request_reference
+from vllm_evict.kernels.paged import cdiv, gather_paged
+from vllm_evict.metrics import metrics
+from vllm_evict.policies import SelectionInput, Statistic
+from vllm_evict.worker.dump import KeptPositionsDump
+from vllm_evict.worker.state import RequestEvictionState
+
+logger = logging.getLogger("vllm.evict")
+
+
+class EvictionRunnerMixin:
+    """Mixed in front of GPUModelRunner or one of its subclasses (CPUModelRunner)."""
+
+    def init_eviction(self, rank: int = 0) -> None:
+        from vllm.platforms import current_platform
+
+        self.eviction_default = (EvictionConfig.from_additional_config(
+            self.vllm_config.additional_config) or EvictionConfig())
+        self.eviction_states: dict[str, RequestEvictionState] = {}
+        self.eviction_step = 0
+        self.eviction_dump = KeptPositionsDump.from_env(rank)
+        self._eviction_is_cpu = current_platform.is_cpu()
+        self._eviction_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._score_buffers: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ vLLM hooks
+
+    def _update_states(self, scheduler_output):
+        self.eviction_step += 1
+        for req_id in scheduler_output.finished_req_ids:
+            self.eviction_states.pop(req_id, None)
+        self._compact_scheduled(scheduler_output)
+        result = super()._update_states(scheduler_output)
+        for new_req in scheduler_output.scheduled_new_reqs:
+            self._track(new_req.req_id, new_req.sampling_params)
+        return result
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        num_reqs = self.input_batch.num_reqs
+        evicted = np.zeros(num_reqs, dtype=np.int64)
+        for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+            state = self.eviction_states.get(req_id)
+            if state is not None:
+                evicted[i] = state.evicted
+        if evicted.any():
+            offsets = torch.from_numpy(evicted)
+            self.seq_lens[:num_reqs] -= offsets.to(self.seq_lens.device, self.seq_lens.dtype)
+            self.optimistic_seq_lens_cpu[:num_reqs] -= offsets.to(self.optimistic_seq_lens_cpu.dtype)
+            token_req = np.repeat(np.arange(num_reqs), num_scheduled_tokens)
+            num_tokens = len(token_req)
+            physical = self.positions[:num_tokens] - torch.from_numpy(evicted[token_req]).to(
+                self.positions.device)
+            self.input_batch.block_table.compute_slot_mapping(
+                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical)
+        stats.begin_step(self._plan_observations(num_scheduled_tokens))
+        return result
+
+    def execute_model(self, *args, **kwargs):
+        try:
+            return super().execute_model(*args, **kwargs)
+        finally:
+            stats.begin_step(None)  # dummy and profiling runs must never observe
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _track(self, req_id: str, sampling_params) -> None:
+        extra_args = sampling_params.extra_args if sampling_params is not None else None
+        try:
+            cfg = self.eviction_default.for_request(extra_args)
+        except EvictionConfigError:
+            cfg = EvictionConfig()  # the scheduler made the same choice (see EvictionScheduler)
+        if cfg.evicts:
+            req_state = self.requests[req_id]
+            state = RequestEvictionState(cfg)
+            state.may_evict = cfg.may_evict(req_state.num_prompt_tokens + sampling_params.max_tokens)
+            self.eviction_states[req_id] = state
+
+    def _plan_observations(self, num_scheduled_tokens) -> stats.StepPlan | None:
+        """Which requests of this step need which attention statistic."""
+        observations = []
+        for row, req_id in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+            state = self.eviction_states.get(req_id)
+            if state is None or not state.may_evict:
+                continue
+            statistic = state.policy.statistic
+            first = len(observations)
+            if statistic is Statistic.ACCUMULATED_ATTENTION:
+                observations.append(stats.Observation(row, stats.Observe.ACCUMULATE))
+            elif statistic is Statistic.LATEST_QUERY_ATTENTION:
+                observations.append(stats.Observation(row, stats.Observe.LATEST))
+            elif statistic is Statistic.PREFILL_WINDOW_ATTENTION:
+                computed = int(self.input_batch.num_computed_tokens_cpu[row])
+                prompt = self.requests[req_id].num_prompt_tokens
+                end = computed + int(num_scheduled_tokens[row])
+                window_start = max(0, prompt - state.policy.observation_window)
+                if computed >= prompt:
+                    observations.append(stats.Observation(row, stats.Observe.ACCUMULATE))
+                elif end > window_start:  # this prefill chunk holds window queries
+                    observations.append(stats.Observation(
+                        row, stats.Observe.WINDOW, window_from=max(0, window_start - computed),
+                        window_starts=computed <= window_start, window_ends=end >= prompt,
+                        pool_kernel=state.policy.pool_kernel))
+            if state.hidden is not None and len(observations) > first:
+                observations[-1].hidden = state.hidden
+        if not observations:
+            return None
+        self._kv_views()
+        return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache)
+
+    def _compact_scheduled(self, scheduler_output) -> None:
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.eviction_states.get(req_id)
+            if state is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                state.reset()
+                continue
+            computed = cached.num_computed_tokens[i]
+            target = state.config.physical_length(computed, self.requests[req_id].num_prompt_tokens)
+            if computed - state.evicted > target:
+                started = time.perf_counter()
+                self._compact(req_id, state, computed, target)
+                metrics().compaction_seconds.inc(time.perf_counter() - started)
+
+    def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
+        if self._eviction_views is None:
+            from vllm_evict.attention.layouts import kv_views
+
+            self._eviction_views = [kv_views(kv, self._eviction_is_cpu) for kv in self.kv_caches]
+            self._layer_of_cache = {kv.data_ptr(): i for i, kv in enumerate(self.kv_caches)}
+            self._score_buffers = [
+                torch.zeros(k.shape[0], k.shape[2], k.shape[1], dtype=torch.float32, device=k.device)
+                for k, _ in self._eviction_views]
+        return self._eviction_views
+
+    def _compact(self, req_id: str, state: RequestEvictionState, computed: int,
+                 target: int) -> None:
+        req_state = self.requests[req_id]
+        if len(req_state.block_ids) != 1:
+            raise NotImplementedError("vllm-evict supports models with one KV cache group")
+        pages = req_state.block_ids[0]
+        views = self._kv_views()
+        key0 = views[0][0]
+        num_layers, num_heads, page_size = len(views), key0.shape[1], key0.shape[2]
+        held = computed - state.evicted
+
+        positions = state.held_positions(computed, num_layers, num_heads)
+        page_ids = torch.tensor(pages[: cdiv(held, page_size)], dtype=torch.int64,
+                                device=key0.device)
+        slots = stats.page_slots(page_ids, held, page_size)
+        statistic = state.policy.statistic
+        scores = keys = None
+        if statistic is Statistic.KEYS:
+            keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views]).cpu()
+        elif statistic is not Statistic.NONE:
+            scores = torch.stack([buf.view(-1, num_heads)[slots].T for buf in self._score_buffers]).cpu()
+        inp = SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
+                             target_length=target, config=state.config, scores=scores, keys=keys)
+        keep = state.policy.select(inp)
+        visible = state.policy.visible(inp, keep)
+        keep_dev = keep.to(key0.device)
+        for layer, (key, value) in enumerate(views):
+            score_view = self._score_buffers[layer].permute(0, 2, 1).unsqueeze(-1)
+            compact_request_reference([key, value, score_view], page_ids, keep_dev[layer])
+        state.compacted(positions.gather(-1, keep), computed, visible)
+        self._drop_freed_pages(req_id, req_state, cdiv(target, page_size))
+        if self.eviction_dump is not None:
+            self.eviction_dump.write(req_id, self.eviction_step, computed, state.visible_positions())
+
+    def _drop_freed_pages(self, req_id: str, req_state, keep_pages: int) -> None:
+        """Mirror the scheduler, which returned every page past `keep_pages` to the pool."""
+        del req_state.block_ids[0][keep_pages:]
+        row = self.input_batch.req_id_to_index.get(req_id)
+        if row is None:
+            return  # re-added from req_state.block_ids when scheduled again
+        table = self.input_batch.block_table[0]
+        num_pages = table.num_blocks_per_row[row]
+        if num_pages > keep_pages:
+            table.block_table.np[row, keep_pages:num_pages] = 0
+            table.num_blocks_per_row[row] = keep_pages

@@ -1,0 +1,46 @@
+"""Workers whose model runner carries the eviction hooks (selected by vllm_evict.cli)."""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from vllm_evict.worker.runner import EvictionRunnerMixin
+
+
+@functools.cache
+def _with_eviction(runner_cls: type) -> type:
+    return type(f"Eviction{runner_cls.__name__}", (EvictionRunnerMixin, runner_cls), {})
+
+
+def attach_eviction(worker) -> None:
+    """Give the worker's freshly built V1 runner the eviction hooks.
+
+    The workers build their runner inside init_device from a hard-wired class, so we re-class
+    the instance to a subclass that only adds methods (no new slots, same state).
+    """
+    runner = worker.model_runner
+    if not isinstance(runner, GPUModelRunner):
+        raise NotImplementedError(
+            f"vllm-evict hooks vLLM's V1 model runner; this engine uses {type(runner).__name__} "
+            "(Model Runner V2). Set VLLM_USE_V2_MODEL_RUNNER=0.")
+    runner.__class__ = _with_eviction(type(runner))
+    runner.init_eviction(rank=worker.rank)
+
+
+class EvictionCPUWorker(CPUWorker):
+    def init_device(self):
+        from vllm_evict.attention import cpu
+
+        cpu.register()  # before the model (and its attention layers) is built
+        super().init_device()
+        attach_eviction(self)
+
+
+class EvictionGPUWorker(Worker):
+    def init_device(self):
+        super().init_device()
+        attach_eviction(self)
