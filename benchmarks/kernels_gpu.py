@@ -2,8 +2,9 @@
 only; no vLLM).
 
 Shapes are Llama-3.1-8B's (32 query heads, 8 KV heads, head size 128) with pages of 16 tokens,
-batches of 1-64 and contexts of 2k-128k, in vLLM's GPU FlashAttention cache layout
-[2, blocks, 16, 8, 128] read through shuffled block tables. For every kernel it reports:
+batches of 1-64 and contexts of 2k-128k, in vLLM 0.32's GPU cache layout (FlashAttention and
+Triton attention): logical [blocks, 8, 16, 2 * 128], K then V in the last dim, stored in the
+default NHD order [blocks, 16, 8, 256], read through shuffled block tables. For every kernel it reports:
   * the median time over CUDA events (warmup first, L2 flushed before every repetition), both
     replayed from a CUDA graph (as vLLM runs decode) and launched eagerly (compaction, window and
     keydiff scoring run eagerly in vLLM, outside graph capture, so eager is their headline);
@@ -147,7 +148,7 @@ def copy_bandwidth(timer: Timer, nbytes: int) -> float:
 class Pool:
     batch: int
     context: int
-    cache: torch.Tensor  # [2, blocks, page, kv_heads, D]
+    cache: torch.Tensor  # stored [blocks, page, kv_heads, 2 * D]: K then V
     key: torch.Tensor  # [blocks, kv_heads, page, D] views
     value: torch.Tensor
     table: torch.Tensor  # [B, pages] int32, shuffled
@@ -160,15 +161,23 @@ class Pool:
 
     def dense(self, which: int) -> torch.Tensor:
         """Request b owns blocks b*P .. (b+1)*P - 1 in this view (no copy): [B, S, kv_heads, D]."""
-        return self.cache[which].view(self.batch, -1, KV_HEADS, HEAD_DIM)
+        rows = self.cache.view(self.batch, -1, KV_HEADS, 2 * HEAD_DIM)
+        return rows[..., which * HEAD_DIM:(which + 1) * HEAD_DIM]
+
+
+def kv_views(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [blocks, kv_heads, page, D] of a cache stored [blocks, page, kv_heads, 2 * D]
+    (vLLM's logical [blocks, kv_heads, page, 2 * D] in NHD order), as layouts.gpu_views."""
+    logical = stored.transpose(1, 2)
+    return logical[..., :HEAD_DIM], logical[..., HEAD_DIM:]
 
 
 def make_pool(batch: int, context: int, dtype: torch.dtype, device: torch.device,
               g: torch.Generator) -> Pool:
     pages = math.ceil(context / PAGE)
-    cache = torch.empty(2, batch * pages, PAGE, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    cache = torch.empty(batch * pages, PAGE, KV_HEADS, 2 * HEAD_DIM, dtype=dtype, device=device)
     cache.normal_(generator=g)
-    key, value = cache[0].transpose(1, 2), cache[1].transpose(1, 2)
+    key, value = kv_views(cache)
     table = torch.randperm(batch * pages, device=device, generator=g).view(batch, pages).int()
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     scores = torch.rand(batch * pages, PAGE, KV_HEADS, device=device, generator=g)
@@ -240,14 +249,14 @@ def check_against_references(k: dict[str, Any], dtype: torch.dtype, device: torc
     pools = [make_pool(1, n, dtype, device, g) for n in lens]
     # One pool with three requests: concatenate the per-request tables over one cache.
     pages = [p.table.shape[1] for p in pools]
-    cache = torch.cat([p.cache for p in pools], dim=1)
+    cache = torch.cat([p.cache for p in pools], dim=0)
     offsets = torch.tensor([0, *pages[:-1]]).cumsum(0).tolist()
     table = torch.zeros(len(lens), max(pages), dtype=torch.int32, device=device)
     for r, (p, off) in enumerate(zip(pools, offsets, strict=True)):
         table[r, :pages[r]] = p.table[0] + off
-    key, value = cache[0].transpose(1, 2), cache[1].transpose(1, 2)
+    key, value = kv_views(cache)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    scores = torch.rand(cache.shape[1], PAGE, KV_HEADS, device=device, generator=g)
+    scores = torch.rand(cache.shape[0], PAGE, KV_HEADS, device=device, generator=g)
     scale = HEAD_DIM ** -0.5
     query = torch.randn(len(lens), Q_HEADS, HEAD_DIM, device=device, generator=g).to(dtype)
     counts = [1, 64, 64]
@@ -286,7 +295,7 @@ def check_against_references(k: dict[str, Any], dtype: torch.dtype, device: torc
     want_cache, want_scores = cache.clone(), scores.clone()
     k["compaction"].compact(key, value, scores.permute(0, 2, 1), table, keep,
                             torch.tensor(kept, dtype=torch.int32, device=device))
-    wk, wv = want_cache[0].transpose(1, 2), want_cache[1].transpose(1, 2)
+    wk, wv = kv_views(want_cache)
     for r, (n, p) in enumerate(zip(lens, kept, strict=True)):
         k["compaction"].compact_request_reference(
             [wk, wv, want_scores.permute(0, 2, 1).unsqueeze(-1)],
@@ -534,7 +543,7 @@ def main() -> int:
         "device": name, "torch": torch.__version__, "triton": triton.__version__,
         "smoke": args.smoke, "dtype": args.dtype,
         "shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "page": PAGE,
-                   "layout": "FlashAttention [2, blocks, page, kv_heads, head_dim], shuffled tables",
+                   "layout": "vLLM 0.32 GPU [blocks, kv_heads, page, 2 * head_dim] (stored NHD), shuffled tables",
                    "window": WINDOW, "pool_kernel": POOL, "keep_fraction": args.keep_fraction},
         "copy_bandwidth_bytes_per_s": bandwidth, "decode_step_baseline": baseline,
         "targets": TARGETS, "summary": summary, "checks": checks, "results": results,

@@ -37,6 +37,9 @@ BAD_FLAGS = [
     (["--kv-budget", "1.5"], "argument --kv-budget: invalid int value: '1.5'"),
     (["--additional-config", json.dumps({"kv_eviction": {"policy": "lru"}})],
      "kv_eviction.policy: unknown policy 'lru'; allowed: none, "),
+    (["--kv-eviction", "h2o", "--kv-cache-dtype", "fp8"],
+     "kv_eviction does not support --kv-cache-dtype fp8: scoring and compaction read K and V "
+     "without dequantisation scales; allowed: auto, bfloat16, "),
 ]
 
 
@@ -77,6 +80,28 @@ def test_without_eviction_config_vllm_is_untouched(tiny_model):
     config = EngineArgs(model=tiny_model).create_engine_config()
     assert "vllm_evict" not in str(config.scheduler_config.scheduler_cls)
     assert "vllm_evict" not in config.parallel_config.worker_cls
+
+
+@pytest.mark.parametrize("given, enforce_eager, wanted", [
+    (None, False, "PIECEWISE"),  # vLLM's default on GPU would be FULL_AND_PIECEWISE
+    ("FULL_AND_PIECEWISE", False, "PIECEWISE"),
+    ("FULL", False, "PIECEWISE"),
+    ("FULL_DECODE_ONLY", False, "NONE"),
+    ("PIECEWISE", False, "PIECEWISE"),
+    ("NONE", False, "NONE"),
+    ("FULL", True, "FULL"),  # enforce_eager: vLLM captures nothing anyway
+])
+def test_gpu_engines_keep_attention_out_of_cuda_graphs(tiny_model, given, enforce_eager, wanted):
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_evict.cli import keep_attention_out_of_cuda_graphs
+
+    compilation = {} if given is None else {"cudagraph_mode": given}
+    engine_args = EngineArgs(model=tiny_model, compilation_config=compilation,
+                             enforce_eager=enforce_eager)
+    keep_attention_out_of_cuda_graphs(engine_args)
+    assert engine_args.compilation_config.cudagraph_mode == CUDAGraphMode[wanted]
 
 
 def test_offline_bad_config_raises_before_the_engine(tiny_model):

@@ -46,7 +46,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from vllm_evict.attention.layouts import flash_views  # noqa: E402
+from vllm_evict.attention import stats  # noqa: E402
+from vllm_evict.attention.layouts import gpu_views  # noqa: E402
 from vllm_evict.kernels.paged import cdiv, paged_index  # noqa: E402
 from vllm_evict.kernels.triton_compaction import compact, compact_request_reference  # noqa: E402
 from vllm_evict.kernels.triton_decode_scores import (  # noqa: E402
@@ -100,8 +101,8 @@ class Pool:
 
 def new_cache(layout: str, blocks: int, page: int, kv_heads: int, dim: int,
               dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
-    if layout == "flash":  # vLLM GPU FlashAttention / Triton: [2, blocks, page, kv_heads, D]
-        shape = (2, blocks, page, kv_heads, dim)
+    if layout == "flash":  # vLLM 0.32 GPU FlashAttention / Triton, stored NHD
+        shape = (blocks, page, kv_heads, 2 * dim)
     else:  # CPU attention: [blocks, kv_heads, 2 * page, D] rows, K first
         shape = (blocks, kv_heads, 2 * page, dim)
     return torch.randn(shape, generator=g).to(dtype)
@@ -109,8 +110,8 @@ def new_cache(layout: str, blocks: int, page: int, kv_heads: int, dim: int,
 
 def views_of(layout: str, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V views [blocks, kv_heads, page, D] aliasing `cache`, as layouts.py builds them."""
-    if layout == "flash":
-        return flash_views(cache)
+    if layout == "flash":  # logical [blocks, kv_heads, page, 2 * D], K then V
+        return gpu_views(cache.transpose(1, 2))
     blocks, kv_heads, two_page, dim = cache.shape
     page = two_page // 2
     key, value = cache[:, :, :page], cache[:, :, page:]
@@ -376,10 +377,101 @@ def test_compaction_of_one_request_matches_the_reference_signature() -> None:
     keep = torch.tensor([[0, 3, 17, 30, 44], [1, 2, 5, 40, 41]])
     ids = pool.block_table[0, :3].long()
     want = pool.cache.clone()
-    wk, wv = flash_views(want)
+    wk, wv = gpu_views(want.transpose(1, 2))
     compact_request_reference([wk, wv], ids, keep)
     compact_request(pool.key, pool.value, None, ids, keep, block_t=4)
     assert torch.equal(bits(pool.cache), bits(want))
+
+
+# ---------------------------------------------------------------- the GPU backend's observer
+
+# One step of a mixed batch: (held length, queries this step, observation or None).
+STEP_ROWS: list[tuple[int, int, dict | None]] = [
+    (37, 1, {"kind": "ACCUMULATE"}),  # h2o decoding
+    (50, 1, {"kind": "LATEST"}),  # tova decoding
+    (45, 20, {"kind": "ACCUMULATE"}),  # h2o prefill chunk
+    (33, 12, {"kind": "LATEST"}),  # tova prefill chunk
+    (60, 30, {"kind": "WINDOW", "window_from": 10, "window_starts": True, "window_ends": True,
+              "pool_kernel": 5}),  # snapkv: the whole window in one chunk
+    (29, 8, {"kind": "WINDOW", "window_from": 3, "window_starts": True}),  # window starts
+    (70, 16, {"kind": "WINDOW"}),  # window goes on
+    (41, 9, {"kind": "WINDOW", "window_ends": True, "pool_kernel": 3}),  # window ends
+    (48, 1, {"kind": "ACCUMULATE", "hidden": True}),  # pyramidkv: masked, torch path
+    (20, 5, None),  # a request without eviction
+]
+
+
+def _observer_case(gqa: int, dim: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(gqa * dim)
+    kv_heads, page = 2, 16
+    pool = make_pool(gqa, "flash", page, kv_heads, dim, dtype, [n for n, _, _ in STEP_ROWS])
+    counts = [q for _, q, _ in STEP_ROWS]
+    query_start = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(sum(counts), kv_heads * gqa, dim, generator=g).to(dtype)
+    output = torch.randn(sum(counts), kv_heads * gqa, dim, generator=g).to(dtype)
+    observations = []
+    for row, (held, _, spec) in enumerate(STEP_ROWS):
+        if spec is None:
+            continue
+        spec = dict(spec)
+        kind = stats.Observe[spec.pop("kind")]
+        hidden = None
+        if spec.pop("hidden", False):
+            mask = torch.rand(kv_heads, held, generator=g) < 0.3
+            mask[:, -1] = False
+            hidden = [mask]
+        observations.append(stats.Observation(row, kind, hidden=hidden, **spec))
+    seeded_scores(pool, g, counts)
+    return pool, query_start, query, output, observations
+
+
+def _observe(observe_layer, pool, query_start, query, output, observations, block_table=None):
+    scores, out = pool.scores.clone(), output.clone()
+    plan = stats.StepPlan(observations, [scores], {pool.cache.data_ptr(): 0})
+    observe_layer(plan, pool.cache, pool.key, pool.value, query, out, query_start, pool.seq_lens,
+                  pool.block_table if block_table is None else block_table, 1 / math.sqrt(
+                      query.shape[-1]))
+    return scores, out
+
+
+@pytest.mark.parametrize("gqa, dim, dtype", [(4, 64, F16), (1, 128, BF16), (8, 64, F32)])
+def test_gpu_observer_measures_what_the_cpu_statistics_measure(gqa: int, dim: int,
+                                                               dtype: torch.dtype) -> None:
+    """The GPU backend's observer (batched Triton launches, in vLLM 0.32's GPU cache layout)
+    against stats.observe_layer (the CPU backend's torch path) on one mixed step."""
+    from vllm_evict.attention import gpu
+
+    pool, query_start, query, output, observations = _observer_case(gqa, dim, dtype)
+    before = pool.scores.clone()
+    want, want_out = _observe(stats.observe_layer, pool, query_start, query, output, observations)
+    got, got_out = _observe(gpu.observe_layer, pool, query_start, query, output, observations)
+    observed = torch.zeros_like(pool.owned)
+    for row in {ob.row for ob in observations}:
+        pg, slot = paged_index(pool.block_table[row], int(pool.seq_lens[row]), 16)
+        observed[pg, slot] = True
+    assert not torch.isnan(got[observed]).any(), "an observed slot was never written"
+    torch.testing.assert_close(got[observed], want[observed], **SCALE_TOL)
+    assert torch.equal(bits(got[~observed]), bits(before[~observed]))
+    assert torch.equal(bits(got_out), bits(want_out))  # the masked request's output, recomputed
+    launches = gpu.plan_launches([ob for ob in observations if ob.hidden is None], query_start,
+                                 pool.seq_lens)
+    assert sorted((la.mode, la.pool_kernel, la.max_queries) for la in launches) == [
+        ("accumulate", 1, 20), ("accumulate", 3, 9), ("overwrite", 1, 5), ("overwrite", 5, 20)]
+
+
+def test_gpu_observer_check_fails_on_a_wrong_block_table() -> None:
+    """Negative control for the test above: the same step read through a block table whose rows
+    0 and 2 are swapped (both hold > 1 page) must not pass."""
+    from vllm_evict.attention import gpu
+
+    pool, query_start, query, output, observations = _observer_case(4, 64, F16)
+    want, _ = _observe(stats.observe_layer, pool, query_start, query, output, observations)
+    wrong = pool.block_table.clone()
+    wrong[[0, 2]] = wrong[[2, 0]]
+    got, _ = _observe(gpu.observe_layer, pool, query_start, query, output, observations, wrong)
+    held = pool.owned
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got[held], want[held], **SCALE_TOL, equal_nan=True)
 
 
 # ---------------------------------------------------------------- compiled, not interpreted

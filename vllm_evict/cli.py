@@ -22,6 +22,9 @@ logger = logging.getLogger("vllm.evict")
 SCHEDULER_CLS = "vllm_evict.engine.scheduler.EvictionScheduler"
 CPU_WORKER_CLS = "vllm_evict.worker.worker.EvictionCPUWorker"
 GPU_WORKER_CLS = "vllm_evict.worker.worker.EvictionGPUWorker"
+# KV cache dtypes the statistics and compaction can read as they are.
+UNQUANTIZED_KV_CACHE_DTYPES = frozenset({"auto", "float16", "half", "bfloat16", "float32",
+                                         "float"})
 
 # flag -> EvictionConfig field
 _FLAGS: dict[str, str] = {
@@ -114,11 +117,41 @@ def configure_engine(engine_args: Any) -> EvictionConfig | None:
             "Remove --worker-cls or drop the eviction config."
         )
     engine_args.worker_cls = worker_cls
-    if not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
-        # The data path hooks the V1 model runner (see docs/model-runner-v2.md). Set before the
-        # worker processes are spawned, so they inherit it.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if engine_args.kv_cache_dtype not in UNQUANTIZED_KV_CACHE_DTYPES:
+        raise EvictionConfigError(
+            f"kv_eviction does not support --kv-cache-dtype {engine_args.kv_cache_dtype}: scoring "
+            "and compaction read K and V without dequantisation scales; allowed: "
+            f"{', '.join(sorted(UNQUANTIZED_KV_CACHE_DTYPES))}")
+    if not current_platform.is_cpu():
+        if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+            # The data path hooks the V1 model runner (see docs/architecture.md). Set before
+            # the worker processes are spawned, so they inherit it.
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        keep_attention_out_of_cuda_graphs(engine_args)
     return cfg
+
+
+def keep_attention_out_of_cuda_graphs(engine_args: Any) -> None:
+    """The GPU statistics run after each layer's attention (attention/gpu.py); piecewise CUDA
+    graphs run attention eagerly between the captured pieces, full graphs would replay a
+    capture of it. So full-graph modes become PIECEWISE (FULL_DECODE_ONLY: NONE)."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    config = engine_args.compilation_config
+    if isinstance(config, dict):
+        config = engine_args.compilation_config = CompilationConfig(**config)
+    mode = config.cudagraph_mode
+    if isinstance(mode, str):
+        mode = CUDAGraphMode[mode.upper()]
+    if engine_args.enforce_eager or mode == CUDAGraphMode.NONE:
+        return
+    wanted = CUDAGraphMode.NONE if mode == CUDAGraphMode.FULL_DECODE_ONLY else \
+        CUDAGraphMode.PIECEWISE
+    if mode != wanted:
+        logger.info("vllm-evict: CUDA graph mode %s instead of %s, so attention (and the "
+                    "eviction statistics after it) runs outside captured graphs",
+                    wanted.name, mode.name if mode is not None else "the default")
+        config.cudagraph_mode = wanted
 
 
 def install() -> None:

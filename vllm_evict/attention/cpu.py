@@ -1,4 +1,4 @@
-"""The CPU attention backend with statistics: vLLM's CPU_ATTN plus `observe_layer` after it.
+"""The CPU attention backend with statistics: vLLM's CPU_ATTN, then the torch statistics.
 
 Registered over CPU_ATTN by EvictionCPUWorker (so only engines with eviction use it); on CPU the
 platform always picks CPU_ATTN, and it honours registered overrides.
@@ -6,31 +6,16 @@ platform always picks CPU_ATTN, and it honours registered overrides.
 
 from __future__ import annotations
 
-import time
-
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_evict.attention import stats
 from vllm_evict.attention.layouts import cpu_views
-from vllm_evict.metrics import metrics
+from vllm_evict.attention.observing import ObservingImpl
 
 
-class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                 *args, **kwargs)
-        plan = stats.current_plan()
-        if plan is not None and attn_metadata is not None:
-            started = time.perf_counter()
-            n = attn_metadata.num_actual_tokens
-            key_view, value_view = cpu_views(kv_cache)
-            stats.observe_layer(plan, kv_cache, key_view, value_view,
-                                query[:n].view(n, self.num_heads, self.head_size),
-                                output[:n].view(n, self.num_heads, self.head_size),
-                                attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                                attn_metadata.block_table, self.scale)
-            metrics().scoring_seconds.inc(time.perf_counter() - started)
-        return output
+class EvictionCPUAttentionImpl(ObservingImpl, CPUAttentionBackendImpl):
+    kv_views = staticmethod(cpu_views)
+    observe_layer = staticmethod(stats.observe_layer)
 
 
 class EvictionCPUAttentionBackend(CPUAttentionBackend):

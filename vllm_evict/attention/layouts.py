@@ -5,7 +5,10 @@ backend lays out its cache tensor. Supported:
   CPU_ATTN ("vec"/"vec16"/... ISAs): [blocks, kv_heads, block_size, 2*head_dim]; per (block, head)
       the K half is stored transposed ([head_dim, block_size]) or row-major depending on the
       ISA, so we probe it once with the real cache-write op; V is row-major.
-  FLASH_ATTN / TRITON_ATTN (GPU): [2, blocks, block_size, kv_heads, head_dim].
+  FLASH_ATTN / TRITON_ATTN (GPU, vLLM 0.32): logical [blocks, kv_heads, block_size,
+      2*head_dim], K then V in the last dim, in any physical stride order
+      (VLLM_KV_CACHE_LAYOUT); K and V are its two halves. Kernel blocks smaller than the
+      scheduler's blocks (a cache with more rows than blocks) are not supported.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def cpu_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return key, value
 
 
-def flash_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # [2, blocks, block_size, heads, dim] -> two [blocks, heads, block_size, dim] views
-    return kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2)
+def gpu_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # [blocks, heads, block_size, 2 * dim] -> two [blocks, heads, block_size, dim] views
+    head_size = kv_cache.shape[-1] // 2
+    return kv_cache[..., :head_size], kv_cache[..., head_size:]
 
 
 def kv_views(kv_cache: torch.Tensor, is_cpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return cpu_views(kv_cache) if is_cpu else flash_views(kv_cache)
+    return cpu_views(kv_cache) if is_cpu else gpu_views(kv_cache)

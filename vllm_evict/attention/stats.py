@@ -10,7 +10,7 @@ path; a GPU backend wrapper calls the Triton kernels with the same plan.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,9 @@ class StepPlan:
     score_buffers: list[torch.Tensor]
     layer_of_cache: dict[int, int]
     """data_ptr of a layer's KV cache -> its index in score_buffers."""
+    derived: dict = field(default_factory=dict)
+    """What a backend derives from the plan once per step and reuses in every layer (the GPU
+    backend's kernel launches)."""
 
 
 _current: StepPlan | None = None

@@ -151,6 +151,12 @@ class EvictionRunnerMixin:
             from vllm_evict.attention.layouts import kv_views
 
             self._eviction_views = [kv_views(kv, self._eviction_is_cpu) for kv in self.kv_caches]
+            blocks = self.kv_cache_config.num_blocks
+            if self._eviction_views[0][0].shape[0] != blocks:
+                raise NotImplementedError(
+                    "vllm-evict needs the attention kernel's block size to equal --block-size "
+                    f"(the KV cache has {self._eviction_views[0][0].shape[0]} kernel blocks for "
+                    f"{blocks} pages); pass a --block-size the attention backend supports")
             self._layer_of_cache = {kv.data_ptr(): i for i, kv in enumerate(self.kv_caches)}
             self._score_buffers = [
                 torch.zeros(k.shape[0], k.shape[2], k.shape[1], dtype=torch.float32, device=k.device)
@@ -184,8 +190,14 @@ class EvictionRunnerMixin:
         visible = state.policy.visible(inp, keep)
         keep_dev = keep.to(key0.device)
         for layer, (key, value) in enumerate(views):
-            score_view = self._score_buffers[layer].permute(0, 2, 1).unsqueeze(-1)
-            compact_request_reference([key, value, score_view], page_ids, keep_dev[layer])
+            score_view = self._score_buffers[layer].permute(0, 2, 1)  # [blocks, heads, page]
+            if key.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
+                from vllm_evict.kernels.triton_compaction import compact_request
+
+                compact_request(key, value, score_view, page_ids, keep_dev[layer])
+            else:
+                compact_request_reference([key, value, score_view.unsqueeze(-1)], page_ids,
+                                          keep_dev[layer])
         state.compacted(positions.gather(-1, keep), computed, visible)
         self._drop_freed_pages(req_id, req_state, cdiv(target, page_size))
         if self.eviction_dump is not None:

@@ -42,5 +42,8 @@ class EvictionCPUWorker(CPUWorker):
 
 class EvictionGPUWorker(Worker):
     def init_device(self):
+        from vllm_evict.attention import gpu
+
+        gpu.register()  # FLASH_ATTN and TRITON_ATTN with the Triton statistics after them
         super().init_device()
         attach_eviction(self)

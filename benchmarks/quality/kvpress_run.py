@@ -1,0 +1,197 @@
+"""The quality benchmark's RULER samples through NVIDIA kvpress, for the same plot and table.
+
+    .venv/bin/python -m benchmarks.quality.kvpress_run --tasks niah_single vt --context-lens 2k \
+        --samples 1 --policies streaming snapkv --budgets 128 256
+
+kvpress 0.5.5 runs in its own venv (.cache/kvpress-venv, built by benchmarks/kvpress_parity.py
+if missing) on the same model directory, in float32 with SDPA attention. Each (sample, press,
+budget) is one greedy `model.generate` of the same chat-formatted token ids the vLLM runner
+sends (the RULER answer prefix continues the assistant turn), under `with press(model):`, so the
+press compresses the whole prompt (question included) once, right after prefill. Its
+compression ratio is 1 - budget / prompt tokens: it keeps the budget's count of entries per
+layer and KV head, as our policy does. Unlike ours it never compacts again while decoding, which
+makes no difference here: answers are at most --max-tokens long, less than our slack.
+
+Rows go to the quality results file with policy "kvpress-<our name>" (and "kvpress-none", no
+press: Hugging Face's full cache); rows already there are skipped, so a run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # also runs as a plain script, in the kvpress venv
+    sys.path.insert(0, str(ROOT))
+
+KVPRESS_PREFIX = "kvpress-"
+# Our policy -> kvpress press and the arguments that match our defaults (sinks 4; SnapKV
+# window 64 and pooling kernel 5). h2o has no counterpart: kvpress presses compress once at
+# prefill, and its prefill-time H2O (ObservedAttentionPress) needs eager attention over the
+# whole prompt.
+PRESSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "streaming": ("StreamingLLMPress", {"n_sink": 4}),
+    "snapkv": ("SnapKVPress", {"window_size": 64, "kernel_size": 5}),
+    "pyramidkv": ("PyramidKVPress", {"window_size": 64, "kernel_size": 5}),
+    "tova": ("TOVAPress", {}),
+    "keydiff": ("KeyDiffPress", {}),
+    "knorm": ("KnormPress", {}),
+    "random": ("RandomPress", {}),
+}
+
+
+# ====================================================================== kvpress side (its venv)
+
+def worker(spec_path: str) -> None:
+    """Reads jobs from the spec, writes one JSON line per finished job to stdout."""
+    import kvpress
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    spec = json.loads(Path(spec_path).read_text())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    for job in spec["jobs"]:
+        ids = torch.tensor([job["input_ids"]])
+        generate = {"attention_mask": torch.ones_like(ids), "do_sample": False,
+                    "max_new_tokens": spec["max_tokens"]}
+        press = None
+        if job["policy"] != "none":
+            name, kwargs = PRESSES[job["policy"]]
+            ratio = max(0.0, 1.0 - job["budget"] / ids.shape[1])
+            press = getattr(kvpress, name)(compression_ratio=ratio, **kwargs)
+        started = time.perf_counter()
+        with torch.no_grad():
+            if press is None:
+                out = model.generate(ids, **generate)
+            else:
+                with press(model):
+                    out = model.generate(ids, **generate)
+        new = out[0, ids.shape[1]:]
+        print(json.dumps({"key": job["key"], "output": tokenizer.decode(new, skip_special_tokens=True),
+                          "completion_tokens": int(new.shape[0]),
+                          "latency_s": round(time.perf_counter() - started, 3),
+                          "press": repr(press) if press is not None else None}), flush=True)
+
+
+# ====================================================================== orchestration (.venv)
+
+def chat_ids(tokenizer, sample: dict[str, Any], prefill: bool) -> list[int]:
+    """The token ids vLLM's chat endpoint builds for the runner's request."""
+    from benchmarks.quality.run import messages_for
+
+    messages, extra = messages_for(sample, prefill)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=extra.get("add_generation_prompt", True),
+        continue_final_message=extra.get("continue_final_message", False))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from benchmarks.kvpress_parity import kvpress_python
+    from benchmarks.quality import tasks as ruler
+    from benchmarks.quality.run import ResultsWriter, model_tag_of, read_results, score
+
+    unknown = [p for p in args.policies if p != "none" and p not in PRESSES]
+    if unknown:
+        sys.exit(f"kvpress_run: no kvpress press for {unknown}; choose from "
+                 f"none {' '.join(PRESSES)}")
+    samples = ruler.load_samples(args.tasks, args.context_lens, args.samples, args.model,
+                                 args.seed, args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tag = model_tag_of(args.model)
+    results = Path(args.results)
+    done = {(r["model"], r["id"], r["policy"], r["budget"]) for r in read_results(results)}
+    grid = [("none", None)] if "none" in args.policies else []
+    grid += [(p, b) for p in args.policies if p != "none" for b in args.budgets]
+    jobs, rows = [], {}
+    for sample in samples:
+        ids = None
+        for policy, budget in grid:
+            row_policy = KVPRESS_PREFIX + policy
+            if (tag, sample["id"], row_policy, budget) in done:
+                continue
+            ids = ids if ids is not None else chat_ids(tokenizer, sample, not args.no_prefill)
+            key = f"{sample['id']}|{policy}|{budget}"
+            jobs.append({"key": key, "policy": policy, "budget": budget, "input_ids": ids})
+            rows[key] = {"model": tag, "id": sample["id"], "task": sample["task"],
+                         "ruler_task": sample["ruler_task"], "context_len": sample["context_len"],
+                         "seed": sample["seed"], "policy": row_policy, "budget": budget,
+                         "answers": sample["answers"], "prompt_tokens": len(ids),
+                         "max_tokens": args.max_tokens, "prefill": not args.no_prefill}
+    print(f"[kvpress] {len(samples)} samples x {len(grid)} conditions; {len(jobs)} to run",
+          flush=True)
+    if not jobs:
+        return {"rows_run": 0}
+    python = kvpress_python()
+    spec = Path(args.results).with_suffix(".kvpress-spec.json")
+    spec.write_text(json.dumps({"model": str(Path(args.model).resolve()),
+                                "max_tokens": args.max_tokens, "jobs": jobs}))
+    writer = ResultsWriter(results)
+    bar = tqdm(total=len(jobs), desc="kvpress", unit="req", dynamic_ncols=True)
+    finished = 0
+    proc = subprocess.Popen([str(python), __file__, "--worker", str(spec)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue  # anything else a library printed
+            out = json.loads(line)
+            row = rows[out["key"]]
+            row.update(output=out["output"], score=score(out["output"], row["answers"]),
+                       completion_tokens=out["completion_tokens"], latency_s=out["latency_s"],
+                       press=out["press"], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            writer.write(row)
+            finished += 1
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+    if proc.returncode != 0:
+        sys.exit(f"kvpress worker failed (exit {proc.returncode}) after {finished} rows; rerun "
+                 "to resume")
+    return {"rows_run": finished}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.quality import run as vllm_run
+    from benchmarks.quality import tasks as ruler
+
+    p = argparse.ArgumentParser(description="RULER quality under kvpress presses (its own venv).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=str(vllm_run.DEFAULT_MODEL))
+    p.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey"])
+    p.add_argument("--context-lens", nargs="+", default=["2k"], type=ruler.parse_context_len)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=ruler.DEFAULT_SEED)
+    p.add_argument("--policies", nargs="+", default=["none", *PRESSES],
+                   help="our policy names, mapped to kvpress presses; 'none' is HF's full cache")
+    p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
+    p.add_argument("--results", default=str(vllm_run.DEFAULT_RESULTS))
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--cache-dir", default=str(ruler.DEFAULT_CACHE))
+    return p
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2])
+    else:
+        run(build_parser().parse_args())

@@ -1,0 +1,39 @@
+"""The one thing every eviction attention backend adds to vLLM's: after the layer's attention,
+measure what this step's plan asks for (see stats.py). Backends differ only in how they view
+their KV cache and in which implementation measures (torch on CPU, Triton kernels on GPU)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from vllm_evict.attention import stats
+from vllm_evict.metrics import metrics
+
+KvViews = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ObservingImpl:
+    """Mixed in front of a vLLM AttentionImpl; subclasses set `kv_views` and `observe_layer`."""
+
+    kv_views: KvViews
+    observe_layer: Callable[..., None]
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                 *args, **kwargs)
+        plan = stats.current_plan()
+        if plan is not None and attn_metadata is not None:
+            started = time.perf_counter()  # on GPU: launch time (the kernels run async)
+            n = attn_metadata.num_actual_tokens
+            key_view, value_view = type(self).kv_views(kv_cache)
+            type(self).observe_layer(
+                plan, kv_cache, key_view, value_view,
+                query[:n].view(n, self.num_heads, self.head_size),
+                output[:n].view(n, self.num_heads, self.head_size),
+                attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                attn_metadata.block_table, self.scale)
+            metrics().scoring_seconds.inc(time.perf_counter() - started)
+        return output
