@@ -54,10 +54,11 @@ def _model(server: VllmServer) -> str:
     return server.proc.args[2]
 
 
-async def _complete(client, server, prompt, xargs, max_tokens):
+async def _complete(client, server, prompt, xargs, max_tokens, priority=0):
     res = await client.completions.create(
         model=_model(server), prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-        extra_body={"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})})
+        extra_body={"ignore_eos": True, "priority": priority,
+                    **({"vllm_xargs": xargs} if xargs else {})})
     return res.choices[0].text, res.usage.completion_tokens, res.id
 
 
@@ -86,16 +87,19 @@ async def _disconnect(server, prompt):
 async def test_mixed_load_loses_nothing(server):
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     rng = random.Random(5)
-    jobs = []  # (prompt, xargs, max_tokens)
+    # Two full-cache requests first, scheduled before everyone else (priority -1): each ends at
+    # 32 of the pool's 40 pages, so vLLM must preempt (others, or one of them) to finish them.
+    jobs = [(_ids(400 + i, 300), {"kv_eviction": "none"}, 700, -1) for i in range(2)]
+    # (prompt, xargs, max_tokens, priority)
     for i, policy in enumerate(POLICIES):
         jobs.append((_ids(500 + i, rng.randrange(300, 600)),
-                     {"kv_eviction": policy, "kv_budget": rng.choice([64, 96, 128])}, 96))
+                     {"kv_eviction": policy, "kv_budget": rng.choice([64, 96, 128])}, 96, 0))
     for i in range(4):
-        jobs.append((_ids(600 + i, rng.randrange(200, 400)), {"kv_eviction": "none"}, 96))
-    jobs.append((_ids(700, 350), None, 80))  # the server default (none)
+        jobs.append((_ids(600 + i, rng.randrange(200, 400)), {"kv_eviction": "none"}, 96, 0))
+    jobs.append((_ids(700, 350), None, 80, 0))  # the server default (none)
     before = server.metrics()
 
-    finished = [_complete(client, server, p, x, n) for p, x, n in jobs]
+    finished = [_complete(client, server, *job) for job in jobs]
     aborted = [_abort_after(client, server, _ids(800 + i, 500), {"kv_eviction": "streaming"}, 5)
                for i in range(2)]
     bad = [_complete(client, server, _ids(900, 20), {"kv_budget": 999}, 4),
@@ -104,7 +108,7 @@ async def test_mixed_load_loses_nothing(server):
                                    return_exceptions=True)
     served, rest = results[: len(jobs)], results[len(jobs):]
     assert all(not isinstance(r, BaseException) for r in served), served
-    assert [r[1] for r in served] == [n for _, _, n in jobs]
+    assert [r[1] for r in served] == [n for _, _, n, _ in jobs]
     assert rest[:2] == [5, 5]
     assert all(isinstance(r, openai.BadRequestError) for r in rest[-2:]), rest[-2:]
 
@@ -127,7 +131,7 @@ async def test_mixed_load_loses_nothing(server):
     # request was preempted, which restarts its eviction).
     preempted = set(re.findall(r"vllm-evict: request (\S+) preempted", server.log()))
     compared = 0
-    for (prompt, xargs, n), (text, _, rid) in zip(jobs, served, strict=True):
+    for (prompt, xargs, n, _), (text, _, rid) in zip(jobs, served, strict=True):
         evicting = xargs is not None and xargs.get("kv_eviction") != "none"
         if evicting and any(p.startswith(rid) for p in preempted):
             continue

@@ -189,7 +189,10 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str | None = None) -> No
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.8),
                              squeeze=False, sharey=True, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    style = {p: colors[i % len(colors)] for i, p in enumerate(t.baselines + t.policies)}
+    # kvpress-X shares X's colour (dotted), so each policy and its kvpress press read as a pair.
+    bases = list(dict.fromkeys(p.removeprefix(EXTERNAL_PREFIX) for p in t.baselines + t.policies))
+    style = {p: colors[bases.index(p.removeprefix(EXTERNAL_PREFIX)) % len(colors)]
+             for p in t.baselines + t.policies}
     for ax, panel in zip(axes.flat, panels, strict=False):
         if panel is None:
             ax.axis("off")
@@ -198,8 +201,8 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str | None = None) -> No
         for p in t.baselines:
             y = t.mean(task, ctx, p, None)
             if not math.isnan(y):
-                ax.axhline(100 * y, color=style[p], linestyle="--", linewidth=1.2,
-                           label=label(p, None))
+                ax.axhline(100 * y, color=style[p], linewidth=1.2, label=label(p, None),
+                           linestyle=":" if p.startswith(EXTERNAL_PREFIX) else "--")
         for p in t.policies:
             pts = [(b, t.mean(task, ctx, p, b)) for b in t.budgets]
             pts = [(b, y) for b, y in pts if not math.isnan(y)]
@@ -222,7 +225,8 @@ def plot(rows: list[dict[str, Any]], path: Path, model: str | None = None) -> No
         ax.set_xlabel("kv_budget", fontsize=8)
     last = max(i for i, panel in enumerate(panels) if panel is not None)
     handles, labels = axes.flat[last].get_legend_handles_labels()
-    fig.suptitle(f"{model}: RULER score vs KV budget (dashed: full cache)", fontsize=11)
+    fig.suptitle(f"{model}: RULER score vs KV budget (horizontal: full cache; dotted: kvpress)",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)) or 1,
                frameon=False)
