@@ -46,6 +46,17 @@ class EvictionRunnerMixin:
 
     # ------------------------------------------------------------------ vLLM hooks
 
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        rows = self.kv_caches[0].shape[0] if self.kv_caches else kv_cache_config.num_blocks
+        if rows != kv_cache_config.num_blocks:
+            # Compaction and the block-table truncation work in scheduler pages.
+            raise NotImplementedError(
+                f"vllm-evict needs the attention kernel's block size to equal --block-size: the "
+                f"KV cache has {rows} kernel blocks for {kv_cache_config.num_blocks} pages; pass "
+                "a --block-size the attention backend supports natively")
+        return result
+
     def _update_states(self, scheduler_output):
         self.eviction_step += 1
         for req_id in scheduler_output.finished_req_ids:
@@ -151,12 +162,6 @@ class EvictionRunnerMixin:
             from vllm_evict.attention.layouts import kv_views
 
             self._eviction_views = [kv_views(kv, self._eviction_is_cpu) for kv in self.kv_caches]
-            blocks = self.kv_cache_config.num_blocks
-            if self._eviction_views[0][0].shape[0] != blocks:
-                raise NotImplementedError(
-                    "vllm-evict needs the attention kernel's block size to equal --block-size "
-                    f"(the KV cache has {self._eviction_views[0][0].shape[0]} kernel blocks for "
-                    f"{blocks} pages); pass a --block-size the attention backend supports")
             self._layer_of_cache = {kv.data_ptr(): i for i, kv in enumerate(self.kv_caches)}
             self._score_buffers = [
                 torch.zeros(k.shape[0], k.shape[2], k.shape[1], dtype=torch.float32, device=k.device)
