@@ -140,9 +140,7 @@ def keep_attention_out_of_cuda_graphs(engine_args: Any) -> None:
     config = engine_args.compilation_config
     if isinstance(config, dict):
         config = engine_args.compilation_config = CompilationConfig(**config)
-    mode = config.cudagraph_mode
-    if isinstance(mode, str):
-        mode = CUDAGraphMode[mode.upper()]
+    mode = config.cudagraph_mode  # CompilationConfig has turned a given string into the enum
     if engine_args.enforce_eager or mode == CUDAGraphMode.NONE:
         return
     wanted = CUDAGraphMode.NONE if mode == CUDAGraphMode.FULL_DECODE_ONLY else \

@@ -10,7 +10,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from vllm_evict.attention import stats
 from vllm_evict.attention.layouts import cpu_views
-from vllm_evict.attention.observing import ObservingImpl
+from vllm_evict.attention.observing import ObservingImpl, observing_backend, register_over
 
 
 class EvictionCPUAttentionImpl(ObservingImpl, CPUAttentionBackendImpl):
@@ -18,18 +18,10 @@ class EvictionCPUAttentionImpl(ObservingImpl, CPUAttentionBackendImpl):
     observe_layer = staticmethod(stats.observe_layer)
 
 
-class EvictionCPUAttentionBackend(CPUAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "CPU_ATTN"  # vLLM compares backend names in places
-
-    @staticmethod
-    def get_impl_cls():
-        return EvictionCPUAttentionImpl
+EvictionCPUAttentionBackend = observing_backend(CPUAttentionBackend, EvictionCPUAttentionImpl)
 
 
 def register() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    register_backend(AttentionBackendEnum.CPU_ATTN,
-                     f"{EvictionCPUAttentionBackend.__module__}.{EvictionCPUAttentionBackend.__name__}")
+    register_over(AttentionBackendEnum.CPU_ATTN, EvictionCPUAttentionBackend)

@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, Trito
 
 from vllm_evict.attention import stats
 from vllm_evict.attention.layouts import gpu_views
-from vllm_evict.attention.observing import ObservingImpl
+from vllm_evict.attention.observing import ObservingImpl, observing_backend, register_over
 
 
 @dataclass
@@ -122,30 +122,14 @@ class EvictionTritonAttentionImpl(ObservingImpl, TritonAttentionImpl):
     observe_layer = staticmethod(observe_layer)
 
 
-class EvictionFlashAttentionBackend(FlashAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "FLASH_ATTN"  # vLLM compares backend names in places
-
-    @staticmethod
-    def get_impl_cls():
-        return EvictionFlashAttentionImpl
-
-
-class EvictionTritonAttentionBackend(TritonAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "TRITON_ATTN"
-
-    @staticmethod
-    def get_impl_cls():
-        return EvictionTritonAttentionImpl
+EvictionFlashAttentionBackend = observing_backend(FlashAttentionBackend,
+                                                  EvictionFlashAttentionImpl)
+EvictionTritonAttentionBackend = observing_backend(TritonAttentionBackend,
+                                                   EvictionTritonAttentionImpl)
 
 
 def register() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    for enum_member, backend in ((AttentionBackendEnum.FLASH_ATTN, EvictionFlashAttentionBackend),
-                                 (AttentionBackendEnum.TRITON_ATTN,
-                                  EvictionTritonAttentionBackend)):
-        register_backend(enum_member, f"{backend.__module__}.{backend.__name__}")
+    register_over(AttentionBackendEnum.FLASH_ATTN, EvictionFlashAttentionBackend)
+    register_over(AttentionBackendEnum.TRITON_ATTN, EvictionTritonAttentionBackend)

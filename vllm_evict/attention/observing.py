@@ -37,3 +37,18 @@ class ObservingImpl:
                 attn_metadata.block_table, self.scale)
             metrics().scoring_seconds.inc(time.perf_counter() - started)
         return output
+
+
+def observing_backend(backend: type, impl: type) -> type:
+    """vLLM's attention `backend` with `impl` as its implementation. Everything else, the name
+    included (vLLM compares backend names in places), is inherited. Named after the module-level
+    name the caller binds it to, so vLLM's registry can import it by path."""
+    return type(f"Eviction{backend.__name__}", (backend,),
+                {"get_impl_cls": staticmethod(lambda: impl), "__module__": impl.__module__})
+
+
+def register_over(member, backend: type) -> None:
+    """Register `backend` (from observing_backend) in place of vLLM's backend `member`."""
+    from vllm.v1.attention.backends.registry import register_backend
+
+    register_backend(member, f"{backend.__module__}.{backend.__name__}")

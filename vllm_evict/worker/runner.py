@@ -194,11 +194,11 @@ class EvictionRunnerMixin:
         keep = state.policy.select(inp)
         visible = state.policy.visible(inp, keep)
         keep_dev = keep.to(key0.device)
+        if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
+            from vllm_evict.kernels.triton_compaction import compact_request
         for layer, (key, value) in enumerate(views):
             score_view = self._score_buffers[layer].permute(0, 2, 1)  # [blocks, heads, page]
-            if key.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
-                from vllm_evict.kernels.triton_compaction import compact_request
-
+            if key0.is_cuda:
                 compact_request(key, value, score_view, page_ids, keep_dev[layer])
             else:
                 compact_request_reference([key, value, score_view.unsqueeze(-1)], page_ids,
