@@ -22,6 +22,41 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class MappedPagedView:
+    """A [blocks, kv_heads, page_size, head_dim] view of a cache whose kernel packs each
+    (block, head) tile its own way (vLLM's CPU AMX layout): `tiles` is the cache as [blocks,
+    kv_heads, tile_elements] and `index[slot, dim]` the offset of that element in its tile.
+
+    It supports the indexing the paged helpers and the compaction use, with the same result
+    shapes as a tensor view: view[block, head, slot] with integer tensors (broadcast) and
+    view[block, :, slot]; reads are copies, writes go through to the cache.
+    """
+
+    def __init__(self, tiles: torch.Tensor, index: torch.Tensor) -> None:
+        self.tiles, self.index = tiles, index
+        self.shape = torch.Size((tiles.shape[0], tiles.shape[1], *index.shape))
+        self.dtype, self.device, self.is_cuda = tiles.dtype, tiles.device, tiles.is_cuda
+
+    def data_ptr(self) -> int:
+        return self.tiles.data_ptr()
+
+    def _where(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        block, head, slot = key
+        offset = self.index[slot]  # [*S, D]
+        if isinstance(head, slice):  # view[block, :, slot] -> [*S, heads, D]
+            if head != slice(None):
+                raise IndexError("MappedPagedView supports only ':' for the head dimension")
+            heads = torch.arange(self.shape[1], device=self.tiles.device)
+            return block[..., None, None], heads[:, None], offset[..., None, :]
+        return block[..., None], head[..., None], offset
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        return self.tiles[self._where(key)]
+
+    def __setitem__(self, key: tuple, values) -> None:
+        self.tiles[self._where(key)] = values
+
+
 def paged_index(block_row: torch.Tensor, length: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(page, slot) of physical positions 0 .. length - 1, both int64."""
     pos = torch.arange(length, device=block_row.device)

@@ -1,6 +1,6 @@
 """Build a tiny random-weight Llama and an offline byte-level BPE tokenizer (no hub needed).
 
-    python scripts/make_tiny_model.py OUT_DIR
+    python scripts/make_tiny_model.py OUT_DIR [llama|gemma3]
 
 Used by the engine and server tests. Weights are random (seeded), so outputs are gibberish but
 deterministic; the model rarely emits EOS, so callers pass ignore_eos.
@@ -27,7 +27,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(out: Path, vocab_size: int = 4096, layers: int = 4, kv_heads: int = 2) -> None:
+def build(out: Path, vocab_size: int = 4096, layers: int = 4, kv_heads: int = 2,
+          arch: str = "llama") -> None:
     out.mkdir(parents=True, exist_ok=True)
     corpus = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))[:120]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -45,6 +46,19 @@ def build(out: Path, vocab_size: int = 4096, layers: int = 4, kv_heads: int = 2)
                                      model_max_length=16384)
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
+    if arch == "gemma3":  # hybrid: sliding-window layers and full-attention layers
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(
+            vocab_size=len(hf_tok), hidden_size=256, intermediate_size=512,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+            head_dim=64, sliding_window=64, max_position_embeddings=16384,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+            bos_token_id=bos, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
+            torch_dtype="bfloat16")
+        torch.manual_seed(0)
+        Gemma3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+        return
     cfg = LlamaConfig(
         vocab_size=len(hf_tok), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=64,
@@ -59,5 +73,5 @@ def build(out: Path, vocab_size: int = 4096, layers: int = 4, kv_heads: int = 2)
 
 
 if __name__ == "__main__":
-    build(Path(sys.argv[1]))
+    build(Path(sys.argv[1]), arch=sys.argv[2] if len(sys.argv) > 2 else "llama")
     print("wrote", sys.argv[1])

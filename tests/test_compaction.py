@@ -1,11 +1,10 @@
-"""Compaction (torch reference) and the CPU cache layout views."""
+"""Compaction (torch reference); the CPU cache layouts are tested in test_layouts.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_evict.attention.layouts import cpu_key_is_transposed, cpu_views
 from vllm_evict.kernels.compaction import compact_request_reference
 
 
@@ -49,26 +48,3 @@ def test_other_requests_pages_are_untouched():
     compact_request_reference([key, value], block_ids, torch.tensor([[0, 5, 7], [1, 2, 6]]))
     others = [0, 2, 3, 5]
     assert torch.equal(key[others], before_k[others]) and torch.equal(value[others], before_v[others])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_views_alias_the_cache_as_the_kernel_writes_it(dtype):
-    """Write tokens with vLLM's own CPU op and read them back through our views."""
-    import vllm._custom_ops  # noqa: F401
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    num_blocks, heads, bs, dim = 3, 2, 32, 64
-    cache = torch.zeros(num_blocks, heads, bs, 2 * dim, dtype=dtype)
-    rows = cache.view(num_blocks, heads, 2 * bs, dim)
-    kc, vc = rows.chunk(2, dim=2)
-    tokens = 5
-    key = torch.randn(tokens, heads, dim).to(dtype)
-    value = torch.randn(tokens, heads, dim).to(dtype)
-    slots = torch.tensor([33, 34, 70, 0, 95])
-    torch.ops._C.cpu_attn_reshape_and_cache(key, value, kc, vc, slots,
-                                            _get_attn_isa(dtype, bs, dim, "auto"))
-    k_view, v_view = cpu_views(cache)
-    for i, s in enumerate(slots.tolist()):
-        assert torch.equal(k_view[s // bs, :, s % bs], key[i])
-        assert torch.equal(v_view[s // bs, :, s % bs], value[i])
-    assert isinstance(cpu_key_is_transposed(dtype, bs, dim), bool)

@@ -72,3 +72,17 @@ def test_physical_length_never_grows_faster_than_tokens(budget, slack, prompt, s
         p = cfg.physical_length(c, prompt)
         assert p <= held
         assert p == c if (c <= cfg.cap or c < prompt) else budget <= p <= cfg.cap
+
+
+@pytest.mark.parametrize("budget, slack", [(40, 0), (40, 1), (40, 7)])
+def test_may_evict_is_exactly_whether_some_step_compacts(budget, slack):
+    """Brute force over the step boundaries a request reaches: c computed tokens, from the
+    prompt up to prompt + max_tokens - 2 (the last output token is sampled, never computed)."""
+    cfg = EvictionConfig(policy="streaming", budget=budget, sink_tokens=4, window=8, slack=slack)
+    cap = budget + slack
+    for prompt in range(1, cap + 6):
+        for max_tokens in range(1, cap + 8 - prompt if prompt < cap + 6 else 3):
+            compacts = any(cfg.physical_length(c, prompt) < c
+                           for c in range(prompt, prompt + max_tokens - 1))
+            assert cfg.may_evict(prompt, max_tokens) == compacts, (prompt, max_tokens)
+    assert not cfg.may_evict(cap - 3, 5) and cfg.may_evict(cap - 3, 6)  # cap + 2 / cap + 3

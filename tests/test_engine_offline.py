@@ -41,6 +41,11 @@ REQUESTS = {
     "opt_out": (_prompt(3, 300), _greedy(60), {"kv_eviction": "none"}),
     "under_budget": (_prompt(4, 40), _greedy(30), {"kv_eviction": "streaming"}),
     "server_default": (_prompt(5, 200), _greedy(40), None),
+    # cap = budget + slack = 80. The last output token is never computed, so prompt +
+    # max_tokens = cap + 2 never passes the cap (not flagged, vanilla behaviour) and cap + 3
+    # is compacted exactly once, at 81 computed tokens.
+    "cap_plus_2": (_prompt(6, 42), _greedy(40), {"kv_eviction": "streaming"}),
+    "cap_plus_3": (_prompt(7, 43), _greedy(40), {"kv_eviction": "streaming"}),
 }
 
 
@@ -119,7 +124,7 @@ def test_oracle_rejects_a_wrong_kept_set(runs, hf_model):
     assert report["max_abs_dlogprob"] > 10 * TOLERANCE, report
 
 
-@pytest.mark.parametrize("name", ["opt_out", "under_budget", "server_default"])
+@pytest.mark.parametrize("name", ["opt_out", "under_budget", "server_default", "cap_plus_2"])
 def test_requests_that_do_not_evict_match_vanilla(runs, name):
     ours, vanilla = runs["evict"][name], runs["vanilla"][name]
     assert ours["token_ids"] == vanilla["token_ids"]
@@ -150,5 +155,16 @@ def test_dump_records_follow_the_length_formula(runs):
 
 def test_finished_requests_are_logged_with_their_savings(runs):
     lines = [ln for ln in runs["evict_log"].splitlines() if "vllm-evict: request" in ln]
-    assert len(lines) == 2, lines  # only the two requests that could pass their cap
+    # Only the requests flagged may_evict are logged: the two long ones and cap_plus_3.
+    assert len(lines) == 3, lines
     assert all("evicted_tokens=" in ln and "pages_freed=" in ln for ln in lines)
+    flagged = {ln.split("vllm-evict: request ")[1].split(" done")[0] for ln in lines}
+    assert flagged == {runs["evict"][n]["request_id"]
+                       for n in ("streaming", "streaming_chunked", "cap_plus_3")}
+
+
+def test_may_evict_is_exact_at_the_boundary(runs):
+    """cap + 2 is never compacted (so it keeps the prefix cache); cap + 3 is, once."""
+    assert runs["records"]["cap_plus_2"] == []
+    assert [r["logical_len"] for r in runs["records"]["cap_plus_3"]] == [81]
+    assert runs["evict"]["cap_plus_3"]["token_ids"] != runs["vanilla"]["cap_plus_3"]["token_ids"]

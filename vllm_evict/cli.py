@@ -122,6 +122,9 @@ def configure_engine(engine_args: Any) -> EvictionConfig | None:
             f"kv_eviction does not support --kv-cache-dtype {engine_args.kv_cache_dtype}: scoring "
             "and compaction read K and V without dequantisation scales; allowed: "
             f"{', '.join(sorted(UNQUANTIZED_KV_CACHE_DTYPES))}")
+    from vllm_evict.engine import support
+
+    support.prepare_engine_args(engine_args, current_platform.is_cpu())
     if not current_platform.is_cpu():
         if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             # The data path hooks the V1 model runner (see docs/architecture.md). Set before
@@ -174,6 +177,7 @@ def install() -> None:
             cfg = EvictionConfig.from_additional_config(engine_args.additional_config)
         except EvictionConfigError as exc:
             sys.exit(f"vllm serve: error: {exc}")
+        engine_args._vllm_evict_from_cli = True
         if cfg is not None and hasattr(args, "port"):  # `vllm serve` (the frontend adds --port)
             from vllm_evict.metrics import enable_multiprocess_collection
 
@@ -181,8 +185,17 @@ def install() -> None:
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):
-        cfg = configure_engine(self)
-        vllm_config = original_create(self, *args, **kwargs)
+        from vllm_evict.engine import support
+
+        try:
+            cfg = configure_engine(self)
+            vllm_config = original_create(self, *args, **kwargs)
+            if cfg is not None:
+                support.check_engine_config(vllm_config)
+        except EvictionConfigError as exc:
+            if getattr(self, "_vllm_evict_from_cli", False):
+                sys.exit(f"vllm serve: error: {exc}")  # like argparse: no traceback
+            raise
         if cfg is not None:
             logger.info("vllm-evict enabled: %s", cfg.describe())
         return vllm_config

@@ -199,9 +199,16 @@ class EvictionConfig(BaseModel):
         """The most entries a request holds between compactions."""
         return self.budget + self.slack
 
-    def may_evict(self, max_total_tokens: int) -> bool:
-        """Whether a request that can reach `max_total_tokens` tokens will ever be compacted."""
-        return self.evicts and max_total_tokens > self.cap
+    def may_evict(self, num_prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether a request of this prompt and max_tokens is ever compacted: exact, so a
+        request that never is keeps vanilla behaviour (prefix cache included).
+
+        Compaction happens at a step boundary with c computed tokens once c >= the prompt and
+        c > budget + slack. The last output token is sampled, never computed, so the largest
+        boundary is prompt + max_tokens - 2 (and with max_tokens 1 there is none after the
+        prompt)."""
+        return (self.evicts and max_tokens >= 2
+                and num_prompt_tokens + max_tokens - 2 > self.cap)
 
     def physical_length(self, num_computed_tokens: int, num_prompt_tokens: int = 0) -> int:
         """KV entries kept, per (layer, KV head), at a step boundary with `c` computed tokens.

@@ -43,6 +43,9 @@ class _Metrics:
         self.kept_fraction = Histogram(
             f"{PREFIX}kept_fraction", "Physical / logical length of finished requests that evicted.",
             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0))
+        self.policy_failures = Counter(
+            f"{PREFIX}policy_failures", "Compactions whose policy raised or returned a malformed "
+            "selection; they kept sinks + recent tokens instead.", ["policy"])
         self.scoring_seconds = Counter(f"{PREFIX}scoring_seconds",
                                        "Time spent measuring attention statistics.")
         self.compaction_seconds = Counter(f"{PREFIX}compaction_seconds",

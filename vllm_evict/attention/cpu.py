@@ -14,7 +14,9 @@ from vllm_evict.attention.observing import ObservingImpl, observing_backend, reg
 
 
 class EvictionCPUAttentionImpl(ObservingImpl, CPUAttentionBackendImpl):
-    kv_views = staticmethod(cpu_views)
+    @staticmethod
+    def kv_views(layer, kv_cache):
+        return cpu_views(kv_cache, layer.isa)  # the ISA vLLM's builder chose for this layer
     observe_layer = staticmethod(stats.observe_layer)
 
 

@@ -113,12 +113,12 @@ def observe_layer(plan: stats.StepPlan, kv_cache: torch.Tensor, key_view: torch.
 
 
 class EvictionFlashAttentionImpl(ObservingImpl, FlashAttentionImpl):
-    kv_views = staticmethod(gpu_views)
+    kv_views = staticmethod(lambda layer, kv_cache: gpu_views(kv_cache))
     observe_layer = staticmethod(observe_layer)
 
 
 class EvictionTritonAttentionImpl(ObservingImpl, TritonAttentionImpl):
-    kv_views = staticmethod(gpu_views)
+    kv_views = staticmethod(lambda layer, kv_cache: gpu_views(kv_cache))
     observe_layer = staticmethod(observe_layer)
 
 

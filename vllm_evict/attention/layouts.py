@@ -2,9 +2,15 @@
 
 Compaction and scoring are written once against these views; only this file knows how each
 backend lays out its cache tensor. Supported:
-  CPU_ATTN ("vec"/"vec16"/... ISAs): [blocks, kv_heads, block_size, 2*head_dim]; per (block, head)
-      the K half is stored transposed ([head_dim, block_size]) or row-major depending on the
-      ISA, so we probe it once with the real cache-write op; V is row-major.
+  CPU_ATTN, every ISA vLLM's CPU backend picks (amx, vec, vec16, and the non-x86 ones): the
+      cache is [blocks, kv_heads, block_size, 2*head_dim] and each ISA packs K and V inside a
+      (block, head) tile its own way (vec: K transposed, V row-major; amx: VNNI-style pairs in
+      16-token tiles). Rather than hard-code any of them, `probe_cpu_layout` writes known K/V
+      with vLLM's own cache-write op for the ISA the engine uses and records where every
+      (token, dim) element lands. Strided layouts become plain tensor views; any other
+      permutation becomes a `MappedPagedView` that gathers and scatters through that map.
+      The probe runs when the KV cache is initialised, so an unknown layout stops the engine
+      at start, never at the first compaction.
   FLASH_ATTN / TRITON_ATTN (GPU, vLLM 0.32): logical [blocks, kv_heads, block_size,
       2*head_dim], K then V in the last dim, in any physical stride order
       (VLLM_KV_CACHE_LAYOUT); K and V are its two halves. Kernel blocks smaller than the
@@ -14,42 +20,111 @@ backend lays out its cache tensor. Supported:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
+from vllm_evict.kernels.paged import MappedPagedView
+
+# Probe values are the base-64 digits of each element's index, plus one: small integers, exact
+# in every float dtype the cache may have, and never 0 (0 marks an element the op left alone).
+_DIGIT_BASE = 64
+
+
+class UnsupportedLayoutError(NotImplementedError):
+    """The attention backend stores K/V in a way compaction cannot address."""
+
+
+@dataclass(frozen=True)
+class CpuTileLayout:
+    """Where the CPU cache-write op puts K[token, dim] and V[token, dim] inside one
+    (block, head) tile of 2 * block_size * head_size elements."""
+
+    isa: str
+    key_index: torch.Tensor  # [block_size, head_size] int64 offsets in the tile
+    value_index: torch.Tensor  # [block_size, head_size] int64
+
+    @property
+    def key_transposed(self) -> bool | None:
+        """True/False for the two strided K layouts (V row-major after K); None otherwise."""
+        bs, dim = self.key_index.shape
+        tok, d = torch.arange(bs)[:, None], torch.arange(dim)[None, :]
+        if not torch.equal(self.value_index, bs * dim + tok * dim + d):
+            return None
+        if torch.equal(self.key_index, tok * dim + d):
+            return False
+        if torch.equal(self.key_index, d * bs + tok):
+            return True
+        return None
+
+
+def write_with_cpu_op(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      slots: torch.Tensor, isa: str) -> None:
+    """Write key/value [tokens, heads, dim] at `slots` exactly as vLLM's CPU backend does."""
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+
+    num_blocks, heads, block_size, two_d = kv_cache.shape
+    rows = kv_cache.view(num_blocks, heads, 2 * block_size, two_d // 2)
+    key_cache, value_cache = rows.chunk(2, dim=2)
+    torch.ops._C.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
 
 @functools.cache
-def cpu_key_is_transposed(dtype: torch.dtype, block_size: int, head_size: int) -> bool:
-    """Write known keys with the CPU backend's own op and see where they land."""
-    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+def probe_cpu_layout(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> CpuTileLayout:
+    """Find the tile layout of `isa` by writing known values with the real op."""
+    n = block_size * head_size
+    index = torch.arange(n)
+    tile = 2 * n
+    key_at = torch.zeros(tile, dtype=torch.int64)  # element index stored at each tile offset
+    value_at = torch.zeros(tile, dtype=torch.int64)
+    is_key = is_value = None
+    place = 1
+    while True:
+        digit = (index // place) % _DIGIT_BASE + 1
+        cache = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+        key = digit.reshape(block_size, 1, head_size).to(dtype)
+        try:
+            write_with_cpu_op(key, -key, cache, torch.arange(block_size), isa)
+        except RuntimeError as exc:
+            raise UnsupportedLayoutError(
+                f"vllm-evict: vLLM's CPU cache-write op rejects ISA {isa!r} for {dtype}, "
+                f"block size {block_size}, head size {head_size}: {exc}") from None
+        flat = cache.reshape(-1).to(torch.float32)
+        if is_key is None:
+            is_key, is_value = flat > 0, flat < 0
+        key_at += (flat.clamp(min=0).long() - 1).clamp(min=0) * place
+        value_at += ((-flat).clamp(min=0).long() - 1).clamp(min=0) * place
+        place *= _DIGIT_BASE
+        if place >= n:
+            break
+    offsets = torch.arange(tile)
+    maps = []
+    for name, mask, at in (("K", is_key, key_at), ("V", is_value, value_at)):
+        found = torch.full((n,), -1, dtype=torch.int64)
+        found[at[mask]] = offsets[mask]
+        if int(mask.sum()) != n or bool((found < 0).any()):
+            raise UnsupportedLayoutError(
+                f"vllm-evict: unknown {name} layout for CPU attention ISA {isa!r} ({dtype}, "
+                f"block size {block_size}, head size {head_size}): the cache-write op does not "
+                "store each element exactly once inside its (block, head) tile")
+        maps.append(found.reshape(block_size, head_size))
+    return CpuTileLayout(isa, maps[0], maps[1])
 
-    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
-    cache = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
-    rows = cache.view(1, 1, 2 * block_size, head_size)
-    key_cache, value_cache = rows.chunk(2, dim=2)
-    # Small integers are exact in every float dtype, so equality is a fair test.
-    key = (torch.arange(block_size * head_size) % 199 + 1).reshape(block_size, 1, head_size)
-    key = key.to(dtype)
-    value = -key
-    slots = torch.arange(block_size, dtype=torch.int64)
-    torch.ops._C.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
-    k_half, v_half = rows[0, 0, :block_size], rows[0, 0, block_size:]
-    if not torch.equal(v_half, value[:, 0]):
-        raise NotImplementedError(f"vllm-evict: unknown V layout for CPU attention ISA {isa!r}")
-    if torch.equal(k_half, key[:, 0]):
-        return False
-    if torch.equal(k_half.reshape(head_size, block_size).t(), key[:, 0]):
-        return True
-    raise NotImplementedError(f"vllm-evict: unknown K layout for CPU attention ISA {isa!r}")
 
-
-def cpu_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_views(kv_cache: torch.Tensor, isa: str):
+    """(K, V) as [blocks, kv_heads, block_size, head_dim]: tensor views for strided layouts,
+    MappedPagedView for packed ones. Both alias the cache."""
     num_blocks, num_heads, block_size, two_d = kv_cache.shape
     head_size = two_d // 2
+    layout = probe_cpu_layout(kv_cache.dtype, block_size, head_size, isa)
+    transposed = layout.key_transposed
+    if transposed is None:
+        tiles = kv_cache.view(num_blocks, num_heads, 2 * block_size * head_size)
+        return (MappedPagedView(tiles, layout.key_index.to(kv_cache.device)),
+                MappedPagedView(tiles, layout.value_index.to(kv_cache.device)))
     rows = kv_cache.view(num_blocks, num_heads, 2 * block_size, head_size)
     key, value = rows[:, :, :block_size], rows[:, :, block_size:]
-    if cpu_key_is_transposed(kv_cache.dtype, block_size, head_size):
+    if transposed:
         key = key.reshape(num_blocks, num_heads, head_size, block_size).transpose(-1, -2)
     assert key.data_ptr() == kv_cache.data_ptr(), "K view must alias the cache"
     return key, value
@@ -59,7 +134,3 @@ def gpu_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # [blocks, heads, block_size, 2 * dim] -> two [blocks, heads, block_size, dim] views
     head_size = kv_cache.shape[-1] // 2
     return kv_cache[..., :head_size], kv_cache[..., head_size:]
-
-
-def kv_views(kv_cache: torch.Tensor, is_cpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return cpu_views(kv_cache) if is_cpu else gpu_views(kv_cache)

@@ -12,7 +12,8 @@ import torch
 from vllm_evict.attention import stats
 from vllm_evict.metrics import metrics
 
-KvViews = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+KvViews = Callable[[object, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(layer, kv_cache) -> (K, V) views [blocks, kv_heads, page_size, head_dim]."""
 
 
 class ObservingImpl:
@@ -28,7 +29,7 @@ class ObservingImpl:
         if plan is not None and attn_metadata is not None:
             started = time.perf_counter()  # on GPU: launch time (the kernels run async)
             n = attn_metadata.num_actual_tokens
-            key_view, value_view = type(self).kv_views(kv_cache)
+            key_view, value_view = type(self).kv_views(layer, kv_cache)
             type(self).observe_layer(
                 plan, kv_cache, key_view, value_view,
                 query[:n].view(n, self.num_heads, self.head_size),

@@ -42,7 +42,7 @@ class EvictionScheduler(Scheduler):
         if request.request_id not in self.requests:
             cfg = self._resolve(request)
             metrics().requests.labels(cfg.policy).inc()
-            if cfg.may_evict(request.num_prompt_tokens + request.max_tokens):
+            if cfg.may_evict(request.num_prompt_tokens, request.max_tokens):
                 self.eviction_configs[request.request_id] = cfg
                 request.skip_reading_prefix_cache = True
         super().add_request(request)

@@ -1,6 +1,14 @@
 """Eviction policies: one file each, behind the Policy interface in base.py."""
 
-from vllm_evict.policies.base import Policy, SelectionInput, SelectWhen, Statistic
+from vllm_evict.policies.base import (
+    Policy,
+    SelectionError,
+    SelectionInput,
+    SelectWhen,
+    Statistic,
+    check_selection,
+    fallback_selection,
+)
 from vllm_evict.policies.registry import (
     available_policies,
     get_policy_class,
@@ -10,10 +18,13 @@ from vllm_evict.policies.registry import (
 
 __all__ = [
     "Policy",
+    "SelectionError",
     "SelectionInput",
     "SelectWhen",
     "Statistic",
     "available_policies",
+    "check_selection",
+    "fallback_selection",
     "get_policy_class",
     "policy_summaries",
     "register_policy",

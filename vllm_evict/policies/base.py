@@ -84,3 +84,36 @@ class Policy:
         """[layers, kv_heads, target] bool: which kept entries attention may see. None (the
         default) means all of them; a policy with per-layer budgets hides the rest."""
         return None
+
+
+class SelectionError(ValueError):
+    """A policy returned a selection the compaction cannot apply."""
+
+
+def check_selection(inp: SelectionInput, keep: object, visible: object) -> None:
+    """Raise SelectionError unless `keep` is [layers, kv_heads, target] int64 physical indices,
+    strictly ascending in every row and within the held entries, and `visible` is None or a
+    bool mask of the same shape. Third-party policies are checked before anything moves."""
+    want = (*inp.positions.shape[:2], inp.target_length)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or tuple(keep.shape) != want:
+        got = (f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor)
+               else type(keep).__name__)
+        raise SelectionError(f"select() must return int64 {want}; got {got}")
+    held = inp.positions.shape[-1]
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= held):
+        raise SelectionError(f"select() returned indices outside [0, {held})")
+    if keep.shape[-1] > 1 and not bool((keep[..., 1:] > keep[..., :-1]).all()):
+        raise SelectionError("select() must return strictly ascending indices in every row")
+    if visible is not None and (not isinstance(visible, torch.Tensor)
+                                or visible.dtype != torch.bool or tuple(visible.shape) != want):
+        raise SelectionError(f"visible() must return None or a bool {want} mask")
+
+
+def fallback_selection(inp: SelectionInput) -> torch.Tensor:
+    """What a compaction keeps when its policy fails: the sink tokens, then the most recent
+    tokens (StreamingLLM), which needs no statistic and always fits the budget."""
+    recency = inp.positions.to(torch.float32)
+    protected = inp.positions < inp.config.sink_tokens
+    recency[protected] = float("inf")
+    kept = torch.topk(recency, inp.target_length, dim=-1, sorted=False).indices
+    return kept.sort(dim=-1).values

@@ -22,7 +22,7 @@ from vllm_evict.config import EvictionConfig, EvictionConfigError
 from vllm_evict.kernels.compaction import compact_request_reference
 from vllm_evict.kernels.paged import cdiv, gather_paged
 from vllm_evict.metrics import metrics
-from vllm_evict.policies import SelectionInput, Statistic
+from vllm_evict.policies import SelectionInput, Statistic, check_selection, fallback_selection
 from vllm_evict.worker.dump import KeptPositionsDump
 from vllm_evict.worker.state import RequestEvictionState
 
@@ -48,14 +48,46 @@ class EvictionRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        self._check_supported(kv_cache_config)
+        self._kv_views()  # probes the CPU layout now: an unknown one stops the engine at start
+        return result
+
+    def _check_supported(self, kv_cache_config) -> None:
+        """Refuse, at start, every layout the data path cannot handle (engine/support.py)."""
+        from vllm_evict.attention.observing import ObservingImpl
+        from vllm_evict.engine import support
+        from vllm_evict.engine.kv_cache import EvictableAttentionSpec
+
+        groups = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
+        layers = {name: layer for name, layer in
+                  self.compilation_config.static_forward_context.items()
+                  if hasattr(layer, "impl") and hasattr(layer, "kv_cache")}
+        windowed = sorted(name for name, layer in layers.items()
+                          if getattr(layer.impl, "sliding_window", None) not in (None, -1, (-1, -1)))
+        support.check_kv_cache_groups(
+            [type(spec).__name__ for spec in groups],
+            [isinstance(spec, EvictableAttentionSpec) and not windowed for spec in groups])
+        support.check_layer_caches([tuple(kv.shape) for kv in self.kv_caches],
+                                   [kv.data_ptr() for kv in self.kv_caches],
+                                   self.shared_kv_cache_layers)
+        support.check_backends({name: type(layer.impl).__name__ for name, layer in layers.items()
+                                if not isinstance(layer.impl, ObservingImpl)})
         rows = self.kv_caches[0].shape[0] if self.kv_caches else kv_cache_config.num_blocks
         if rows != kv_cache_config.num_blocks:
             # Compaction and the block-table truncation work in scheduler pages.
-            raise NotImplementedError(
+            raise support.UnsupportedSetupError(
                 f"vllm-evict needs the attention kernel's block size to equal --block-size: the "
                 f"KV cache has {rows} kernel blocks for {kv_cache_config.num_blocks} pages; pass "
                 "a --block-size the attention backend supports natively")
-        return result
+        if self._eviction_is_cpu:
+            isas = {getattr(layer, "isa", None) for layer in layers.values()}
+            if len(isas) != 1 or None in isas:
+                raise support.UnsupportedSetupError(
+                    f"vllm-evict: the CPU attention layers use ISAs {sorted(map(str, isas))}; "
+                    "eviction needs one ISA for every layer")
+            self._eviction_isa = isas.pop()
+            logger.info("vllm-evict: CPU attention ISA %s; KV layout probed with vLLM's "
+                        "cache-write op", self._eviction_isa)
 
     def _update_states(self, scheduler_output):
         self.eviction_step += 1
@@ -105,7 +137,7 @@ class EvictionRunnerMixin:
         if cfg.evicts:
             req_state = self.requests[req_id]
             state = RequestEvictionState(cfg)
-            state.may_evict = cfg.may_evict(req_state.num_prompt_tokens + sampling_params.max_tokens)
+            state.may_evict = cfg.may_evict(req_state.num_prompt_tokens, sampling_params.max_tokens)
             self.eviction_states[req_id] = state
 
     def _plan_observations(self, num_scheduled_tokens) -> stats.StepPlan | None:
@@ -159,9 +191,11 @@ class EvictionRunnerMixin:
     def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
         if self._eviction_views is None:
-            from vllm_evict.attention.layouts import kv_views
+            from vllm_evict.attention.layouts import cpu_views, gpu_views
 
-            self._eviction_views = [kv_views(kv, self._eviction_is_cpu) for kv in self.kv_caches]
+            self._eviction_views = [
+                cpu_views(kv, self._eviction_isa) if self._eviction_is_cpu else gpu_views(kv)
+                for kv in self.kv_caches]
             self._layer_of_cache = {kv.data_ptr(): i for i, kv in enumerate(self.kv_caches)}
             self._score_buffers = [
                 torch.zeros(k.shape[0], k.shape[2], k.shape[1], dtype=torch.float32, device=k.device)
@@ -191,8 +225,7 @@ class EvictionRunnerMixin:
             scores = torch.stack([buf.view(-1, num_heads)[slots].T for buf in self._score_buffers]).cpu()
         inp = SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
                              target_length=target, config=state.config, scores=scores, keys=keys)
-        keep = state.policy.select(inp)
-        visible = state.policy.visible(inp, keep)
+        keep, visible = self._select(state, inp)
         keep_dev = keep.to(key0.device)
         if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
             from vllm_evict.kernels.triton_compaction import compact_request
@@ -207,6 +240,24 @@ class EvictionRunnerMixin:
         self._drop_freed_pages(req_id, req_state, cdiv(target, page_size))
         if self.eviction_dump is not None:
             self.eviction_dump.write(req_id, self.eviction_step, computed, state.visible_positions())
+
+    def _select(self, state: RequestEvictionState, inp: SelectionInput):
+        """The policy's selection, or, if the policy raises or returns something malformed,
+        sinks + recent window: the scheduler has already freed the pages, so this compaction
+        must happen, and one request's failing policy must not stop the engine."""
+        try:
+            keep = state.policy.select(inp)
+            visible = state.policy.visible(inp, keep)
+            check_selection(inp, keep, visible)
+            return keep, visible
+        except Exception as exc:  # third-party code: anything may go wrong
+            metrics().policy_failures.labels(state.config.policy).inc()
+            if not state.policy_failed:
+                state.policy_failed = True
+                logger.error("vllm-evict: policy %r failed for request %s (%s: %s); its "
+                             "compactions keep sinks + recent tokens instead",
+                             state.config.policy, inp.request_id, type(exc).__name__, exc)
+            return fallback_selection(inp), None
 
     def _drop_freed_pages(self, req_id: str, req_state, keep_pages: int) -> None:
         """Mirror the scheduler, which returned every page past `keep_pages` to the pool."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from vllm_evict.config import EvictionConfig
 from vllm_evict.policies import Policy, get_policy_class
+
+logger = logging.getLogger("vllm.evict")
 
 
 @dataclass
@@ -23,11 +26,20 @@ class RequestEvictionState:
     num_compactions: int = 0
     hidden: list[torch.Tensor] | None = None
     """Per layer [kv_heads, P] bool: held entries attention must not see (per-layer budgets)."""
+    policy_failed: bool = False
+    """The policy raised or returned a malformed selection once (logged once per request)."""
     may_evict: bool = True
     """False when prompt + max_tokens never passes the cap: no statistics are measured."""
 
     def __post_init__(self) -> None:
-        self.policy = get_policy_class(self.config.policy)()
+        try:
+            self.policy = get_policy_class(self.config.policy)()
+        except Exception as exc:  # a third-party policy that cannot even be built
+            from vllm_evict.policies.streaming import StreamingPolicy
+
+            logger.error("vllm-evict: policy %r could not be built (%s: %s); this request keeps "
+                         "sinks + recent tokens", self.config.policy, type(exc).__name__, exc)
+            self.policy, self.policy_failed = StreamingPolicy(), True
 
     def reset(self) -> None:
         """Preempted: vLLM recomputes the request from scratch, so start over."""
