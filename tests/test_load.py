@@ -10,6 +10,7 @@ leaked), and the plugin's metrics add up.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 
@@ -18,6 +19,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.server import VllmServer
 from vllm_evict.config import EvictionConfigError
@@ -38,9 +40,51 @@ SERVER_ARGS = [
 POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "random"]
 
 
+# Two third-party policies, installed the way a package would be (an entry point in a
+# dist-info on the path of every server process), that fail at every compaction.
+BROKEN_POLICIES = """
+from dataclasses import dataclass
+
+from vllm_evict.policies import Policy
+
+
+@dataclass
+class Raising(Policy):
+    name = "raising"
+    summary = "raises in score()"
+
+    def score(self, inp):
+        raise RuntimeError("deliberately broken policy")
+
+
+@dataclass
+class Malformed(Policy):
+    name = "malformed"
+    summary = "returns one index too few"
+
+    def select(self, inp):
+        return inp.positions[..., : inp.target_length - 1].clone()
+"""
+
+
+def _install_broken_policies(path) -> None:
+    (path / "broken_policies.py").write_text(BROKEN_POLICIES)
+    dist = path / "broken_policies-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-policies\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[vllm_evict.policies]\n"
+                                           "raising = broken_policies:Raising\n"
+                                           "malformed = broken_policies:Malformed\n")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    srv = VllmServer(tiny_model, SERVER_ARGS, tmp_path_factory.mktemp("load") / "serve.log")
+    work = tmp_path_factory.mktemp("load")
+    plugins = work / "site"
+    plugins.mkdir()
+    _install_broken_policies(plugins)
+    path = os.pathsep.join(p for p in (str(plugins), os.environ.get("PYTHONPATH")) if p)
+    srv = VllmServer(tiny_model, SERVER_ARGS, work / "serve.log", env={"PYTHONPATH": path})
     yield srv
     srv.stop()
 
@@ -182,6 +226,52 @@ async def test_preempted_eviction_requests_restart_and_finish(server):
     assert all(int(n) == 300 + 699 for _, n in done)  # every token computed (last one never fed)
     await asyncio.sleep(1.0)
     assert server.metrics()["vllm:kv_cache_usage_perc"] == 0.0
+
+
+async def test_a_failing_policy_falls_back_and_touches_no_other_request(server):
+    """Requests whose policy raises, or returns a malformed selection, under load beside
+    healthy ones: each of their compactions keeps sinks + recent tokens instead (so they give
+    exactly the tokens of kv_eviction=streaming), the failure is logged once per request and
+    counted per compaction, every other request gives its tokens served alone, and the server
+    stays healthy."""
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    jobs = [(_ids(1100 + i, 250), {"kv_eviction": policy}, 120)
+            for i, policy in enumerate(["raising", "raising", "malformed", "malformed", "h2o",
+                                        "snapkv", "streaming", "none"])]
+    before, log_before = server.metrics(), len(server.log())
+    served = await asyncio.gather(*(_complete(client, server, *job) for job in jobs))
+    assert [n for _, n, _ in served] == [120] * len(jobs)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+    await asyncio.sleep(1.0)
+    after, log = server.metrics(), server.log()[log_before:]
+    preempted = set(re.findall(r"vllm-evict: request (\S+) preempted", log))
+    for (prompt, xargs, n), (text, _, rid) in zip(jobs, served, strict=True):
+        if any(p.startswith(rid) for p in preempted):
+            continue  # restarted eviction: not comparable with a run alone
+        broken = xargs["kv_eviction"] in ("raising", "malformed")
+        alone, _, _ = await _complete(client, server, prompt,
+                                      {"kv_eviction": "streaming"} if broken else xargs, n)
+        assert alone == text, (xargs, rid)
+    for policy, requests in (("raising", 2), ("malformed", 2)):
+        failed = re.findall(rf"policy '{policy}' failed for request (\S+)", log)
+        assert len(failed) == len(set(failed)) == requests, log[-3000:]
+    assert re.search(r"RuntimeError: deliberately broken policy", log)
+    assert "select() must return int64" in log
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    # One failure per compaction of the broken requests, none for anyone else.
+    families = {f.name: f for f in text_string_to_metric_families(
+        httpx.get(f"{server.url}/metrics").text)}
+    failures = {s.labels["policy"]: s.value for s in families["vllm_evict:policy_failures"].samples
+                if s.name.endswith("_total")}
+    compactions = {s.labels["policy"]: s.value for s in families["vllm_evict:compactions"].samples
+                   if s.name.endswith("_total")}
+    assert set(failures) == {"raising", "malformed"}
+    assert failures == {p: compactions[p] for p in failures} and all(failures.values())
+    assert delta("vllm_evict:policy_failures_total") == sum(failures.values())
 
 
 XARG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10_000), st.floats(-1, 5000),
