@@ -18,10 +18,6 @@ EVICTION = {"kv_eviction": {"policy": "streaming", "budget": 64, "window": 16}}
 
 # EngineArgs overrides -> what the refusal must say.
 REFUSED_FLAGS = {
-    "speculative decoding": (
-        {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
-                                "prompt_lookup_max": 3}},
-        "does not support speculative decoding (--speculative-config)"),
     "async scheduling": ({"async_scheduling": True},
                          "does not support async scheduling (--async-scheduling)"),
     "pipeline parallelism": ({"pipeline_parallel_size": 2, "distributed_executor_backend": "mp"},
@@ -110,12 +106,11 @@ def test_vllm_serve_exits_with_the_message(tiny_model):
     vllm = str(Path(sys.executable).with_name("vllm"))
     proc = subprocess.run(
         [vllm, "serve", tiny_model, "--enforce-eager", "--kv-eviction", "h2o",
-         "--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": 2,
-                                             "prompt_lookup_max": 3})],
+         "--pipeline-parallel-size", "2"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "vllm serve: error: kv_eviction does not support speculative decoding" in out, out[-3000:]
+    assert "vllm serve: error: kv_eviction does not support pipeline parallelism" in out, out[-3000:]
     assert "EngineCore" not in out and "Traceback" not in out, out[-3000:]
 
 
@@ -156,3 +151,19 @@ def test_hybrid_sliding_window_models_are_refused_at_start(tiny_gemma3, tmp_path
     assert "sliding-window" in out
 
 
+
+
+@pytest.mark.engine
+def test_streaming_input_requests_that_would_evict_are_refused(tiny_model, tmp_path):
+    """Streaming-input (resumable) sessions restart the request on both sides at each chunk,
+    so an evicting one is refused up front, like a bad vllm_xargs; one that opts out is served
+    with its full cache, and the engine keeps serving."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.streaming_input_job", tiny_model,
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = json.loads(out.read_text())
+    assert not results["default"]["ok"]
+    assert "streaming-input (resumable) requests cannot use KV eviction" in results["default"]["error"]
+    assert results["opt_out"] == {"ok": True, "tokens": 16}  # two chunks of 8 tokens
+    assert results["plain_after"] == 8

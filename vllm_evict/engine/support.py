@@ -39,11 +39,6 @@ def _refuse(feature: str, how_to_turn_off: str, why: str) -> UnsupportedSetupErr
 def prepare_engine_args(engine_args: Any, is_cpu: bool) -> None:
     """Before vLLM validates the config (so these messages come before any of vLLM's): the
     features eviction refuses, by the flag that chose them, and the choices it makes."""
-    if engine_args.speculative_config:
-        raise _refuse(
-            "speculative decoding (--speculative-config)", "remove --speculative-config",
-            "the scheduler frees pages of rejected drafts every step, so the workers' block "
-            "tables would diverge from it")
     if engine_args.async_scheduling:
         raise _refuse(
             "async scheduling (--async-scheduling)", "remove --async-scheduling",
@@ -92,10 +87,6 @@ def prepare_engine_args(engine_args: Any, is_cpu: bool) -> None:
 def check_engine_config(vllm_config: Any) -> None:
     """After vLLM resolved the config: what other paths (config files, defaults) may have
     turned on after prepare_engine_args looked."""
-    if vllm_config.speculative_config is not None:
-        raise _refuse("speculative decoding (--speculative-config)",
-                      "remove --speculative-config",
-                      "the scheduler frees pages of rejected drafts every step")
     if vllm_config.scheduler_config.async_scheduling:
         raise _refuse("async scheduling (--async-scheduling)", "remove --async-scheduling",
                       "the scheduler and workers would disagree on a request's physical length")

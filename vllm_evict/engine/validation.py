@@ -25,8 +25,23 @@ def check_request(additional_config: Mapping[str, Any] | None,
     return server.for_request(extra_args)
 
 
+STREAMING_INPUT_REFUSED = (
+    "streaming-input (resumable) requests cannot use KV eviction: each input chunk restarts the "
+    "request on both the scheduler and the workers, which would forget what was compacted. "
+    "Send vllm_xargs {\"kv_eviction\": \"none\"} with them, or start the server without "
+    "--kv-eviction")
+
+
+def check_streaming_input(additional_config: Mapping[str, Any] | None,
+                          extra_args: Mapping[str, Any] | None) -> None:
+    """Raise EvictionConfigError if a resumable request would evict."""
+    cfg = check_request(additional_config, extra_args)
+    if cfg is not None and cfg.evicts:
+        raise EvictionConfigError(STREAMING_INPUT_REFUSED + f" (this request: {cfg.describe()})")
+
+
 def install() -> None:
-    """Wrap InputProcessor._validate_params. Idempotent."""
+    """Wrap InputProcessor._validate_params and process_inputs. Idempotent."""
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
@@ -44,5 +59,17 @@ def install() -> None:
                 raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
         return result
 
+    original_process = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *args, resumable: bool = False, **kwargs):
+        if resumable and isinstance(params, SamplingParams):
+            try:
+                check_streaming_input(self.vllm_config.additional_config, params.extra_args)
+            except EvictionConfigError as exc:
+                raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
+        return original_process(self, request_id, prompt, params, *args, resumable=resumable,
+                                **kwargs)
+
     InputProcessor._validate_params = _validate_params
+    InputProcessor.process_inputs = process_inputs
     InputProcessor._vllm_evict_installed = True

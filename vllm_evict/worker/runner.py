@@ -181,12 +181,20 @@ class EvictionRunnerMixin:
             if req_id in cached.resumed_req_ids:
                 state.reset()
                 continue
+            if not state.may_evict:
+                continue  # the scheduler leaves its pages alone too: vanilla behaviour
             computed = cached.num_computed_tokens[i]
             target = state.config.physical_length(computed, self.requests[req_id].num_prompt_tokens)
             if computed - state.evicted > target:
                 started = time.perf_counter()
                 self._compact(req_id, state, computed, target)
                 metrics().compaction_seconds.inc(time.perf_counter() - started)
+            # Every step, as the scheduler does (EvictionKVCacheManager.remove_skipped_blocks):
+            # pages past the physical length go, compacted or not. With speculative decoding
+            # these are the pages of rejected drafts' lookahead, which the scheduler frees and
+            # may hand out again in this very step.
+            self._drop_freed_pages(req_id, self.requests[req_id],
+                                   cdiv(target, self._kv_views()[0][0].shape[2]))
 
     def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
@@ -237,7 +245,6 @@ class EvictionRunnerMixin:
                 compact_request_reference([key, value, score_view.unsqueeze(-1)], page_ids,
                                           keep_dev[layer])
         state.compacted(positions.gather(-1, keep), computed, visible)
-        self._drop_freed_pages(req_id, req_state, cdiv(target, page_size))
         if self.eviction_dump is not None:
             self.eviction_dump.write(req_id, self.eviction_step, computed, state.visible_positions())
 
