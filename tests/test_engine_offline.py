@@ -93,6 +93,30 @@ def bf16_run(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def mapped_layout_run(tiny_model, tmp_path_factory):
+    """bf16 with the cache addressed through the probed index map (the code path of AMX
+    CPUs, whose packed layout has no strided view), for policies reading keys and attention."""
+    import os
+
+    work = tmp_path_factory.mktemp("offline_mapped")
+    reqs = [(_prompt(20 + i, 300), _greedy(120), {"kv_eviction": p})
+            for i, p in enumerate(["h2o", "keydiff", "snapkv"])]
+    engine = {**_engine(tiny_model, True), "dtype": "bfloat16"}
+    old = os.environ.get("VLLM_EVICT_CPU_LAYOUT")
+    os.environ["VLLM_EVICT_CPU_LAYOUT"] = "mapped"
+    try:
+        out = run_engine_job({"engine": engine, "requests": [
+            {"prompt_token_ids": p, "sampling": s, "extra_args": x} for p, s, x in reqs]},
+            work / "evict", dump_dir=work / "dump")
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_EVICT_CPU_LAYOUT")
+        else:
+            os.environ["VLLM_EVICT_CPU_LAYOUT"] = old
+    return reqs, out, read_dump(work / "dump")
+
+
+@pytest.fixture(scope="module")
 def hf_model(tiny_model):
     return load_reference_model(tiny_model)
 
@@ -118,6 +142,16 @@ def test_bf16_eviction_matches_hf_within_bf16_rounding(bf16_run, hf_model):
     ignored = compare(hf_model, prompt, out["token_ids"], out["logprobs"], [])  # negative control
     assert ignored["max_abs_dlogprob"] > 5 * BF16_TOLERANCE, ignored
     print(f"\nbf16 oracle: {report}; eviction ignored: {ignored}")
+
+
+def test_mapped_layout_path_matches_hf(mapped_layout_run, hf_model):
+    reqs, out, records = mapped_layout_run
+    assert "KV layout probed with vLLM's cache-write op: MappedPagedView" in out["log"]
+    for (prompt, _, xargs), result in zip(reqs, out["results"], strict=True):
+        recs = records_for(records, result["request_id"])
+        assert len(recs) >= 5
+        report = compare(hf_model, prompt, result["token_ids"], result["logprobs"], recs)
+        assert report["max_abs_dlogprob"] <= BF16_TOLERANCE, (xargs, report)
 
 
 def test_no_compaction_before_the_prompt_is_computed(runs):

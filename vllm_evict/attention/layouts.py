@@ -20,11 +20,16 @@ backend lays out its cache tensor. Supported:
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
 from vllm_evict.kernels.paged import MappedPagedView
+
+# Debug switch: "mapped" addresses every CPU layout through its probed index map, even where a
+# strided view exists. The tests use it to run the AMX code path on CPUs without AMX.
+LAYOUT_ENV = "VLLM_EVICT_CPU_LAYOUT"
 
 # Probe values are the base-64 digits of each element's index, plus one: small integers, exact
 # in every float dtype the cache may have, and never 0 (0 marks an element the op left alone).
@@ -118,7 +123,7 @@ def cpu_views(kv_cache: torch.Tensor, isa: str):
     head_size = two_d // 2
     layout = probe_cpu_layout(kv_cache.dtype, block_size, head_size, isa)
     transposed = layout.key_transposed
-    if transposed is None:
+    if transposed is None or os.environ.get(LAYOUT_ENV) == "mapped":
         tiles = kv_cache.view(num_blocks, num_heads, 2 * block_size * head_size)
         return (MappedPagedView(tiles, layout.key_index.to(kv_cache.device)),
                 MappedPagedView(tiles, layout.value_index.to(kv_cache.device)))

@@ -48,8 +48,8 @@ class EvictionRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        self._check_supported(kv_cache_config)
-        self._kv_views()  # probes the CPU layout now: an unknown one stops the engine at start
+        self._check_supported(kv_cache_config)  # also probes the CPU layout: an unknown one
+        self._kv_views()  # stops the engine at start, never at the first compaction
         return result
 
     def _check_supported(self, kv_cache_config) -> None:
@@ -86,8 +86,10 @@ class EvictionRunnerMixin:
                     f"vllm-evict: the CPU attention layers use ISAs {sorted(map(str, isas))}; "
                     "eviction needs one ISA for every layer")
             self._eviction_isa = isas.pop()
+            views = self._kv_views()
             logger.info("vllm-evict: CPU attention ISA %s; KV layout probed with vLLM's "
-                        "cache-write op", self._eviction_isa)
+                        "cache-write op: %s", self._eviction_isa,
+                        type(views[0][0]).__name__ if views else "no layers")
 
     def _update_states(self, scheduler_output):
         self.eviction_step += 1
