@@ -262,7 +262,7 @@ def run_ours(cases: list[dict], prompts: dict[str, list[int]], budgets: dict[str
              work: Path, reuse: bool = False) -> tuple[dict[str, list], dict]:
     """One engine per (sink_tokens, window); each case is one request with its own policy and
     budget. Returns {case key: kept [layer][kv_head][positions]} and engine timings."""
-    from vllm_evict.worker.dump import read_dump, records_for
+    from vllm_evict.core.dump import read_dump, records_for
 
     env = dict(os.environ)
     for var, sub in {"VLLM_CACHE_ROOT": "vllm", "VLLM_RPC_BASE_PATH": "ipc", "TMPDIR": "tmp"}.items():
@@ -407,9 +407,9 @@ def ours_on_hf(policy: str, probe: dict, budget: int) -> list[list[list[int]]]:
     """Our policy (its real code and scoring references) run on HF's keys and attention."""
     import torch
 
-    from vllm_evict.config import EvictionConfig
+    from vllm_evict.core.config import EvictionConfig
+    from vllm_evict.core.policies import SelectionInput, get_policy_class
     from vllm_evict.kernels.scoring import window_scores_reference
-    from vllm_evict.policies import SelectionInput, get_policy_class
 
     keys = probe["keys"]
     layers, kv, length, _ = keys.shape
@@ -440,8 +440,8 @@ def our_layer_budgets(policy: str, budget: int, layers: int) -> list[int]:
         return [budget] * layers
     from types import SimpleNamespace
 
-    from vllm_evict.config import EvictionConfig
-    from vllm_evict.policies.pyramidkv import PyramidKVPolicy
+    from vllm_evict.core.config import EvictionConfig
+    from vllm_evict.core.policies.pyramidkv import PyramidKVPolicy
 
     sinks, window = PROTECT[policy]
     cfg = EvictionConfig(policy=policy, budget=budget, sink_tokens=sinks, window=window, slack=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_evict.kernels.paged import cdiv
+
 
 def compact_request_reference(
     tensors: list[torch.Tensor],
@@ -27,7 +29,7 @@ def compact_request_reference(
 
     dst = torch.arange(kept, device=keep.device)
     dst_block, dst_slot = block_ids[dst // block_size][None, :], (dst % block_size)[None, :]
-    tail = torch.arange(kept, -(-kept // block_size) * block_size, device=keep.device)
+    tail = torch.arange(kept, cdiv(kept, block_size) * block_size, device=keep.device)
     tail_block, tail_slot = block_ids[tail // block_size], tail % block_size
     for t, values in zip(tensors, gathered, strict=True):
         t[dst_block, heads, dst_slot] = values

@@ -33,6 +33,16 @@ def tiny_model() -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3() -> str:
+    """A tiny random-weight Gemma-3 (hybrid: sliding-window and full-attention layers)."""
+    out = CACHE / "models" / "tiny-gemma3"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out),
+                        "gemma3"], check=True, capture_output=True)
+    return str(out)
+
+
 def run_engine_job(spec: dict, workdir: Path, *, vanilla: bool = False,
                    dump_dir: Path | None = None, timeout: int = 600) -> dict:
     """Run tests/helpers/engine_job.py in a fresh process; vanilla=True disables every plugin."""

@@ -58,7 +58,7 @@ def test_flags_fold_over_additional_config_and_select_our_classes(tiny_model):
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     import vllm_evict
-    from vllm_evict import cli
+    from vllm_evict.host import cli
 
     vllm_evict.register()
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
@@ -107,7 +107,7 @@ def test_gpu_engines_keep_attention_out_of_cuda_graphs(tiny_model, given, enforc
 def test_offline_bad_config_raises_before_the_engine(tiny_model):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_evict.config import EvictionConfigError
+    from vllm_evict.core.config import EvictionConfigError
 
     with pytest.raises(EvictionConfigError, match=r"kv_eviction.window: must be an integer >= 0"):
         EngineArgs(model=tiny_model, additional_config={"kv_eviction": {"window": -1}}
@@ -133,7 +133,7 @@ def test_fuzzed_flags_give_a_clear_error_or_a_valid_config(tiny_model, flags):
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     import vllm_evict
-    from vllm_evict.config import EvictionConfig
+    from vllm_evict.core.config import EvictionConfig
 
     vllm_evict.register()
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(exit_on_error=False))

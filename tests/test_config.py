@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_evict.config import EvictionConfig, EvictionConfigError
+from vllm_evict.core.config import EvictionConfig, EvictionConfigError
 
 
 @pytest.mark.parametrize("values, needle", [
@@ -86,3 +86,26 @@ def test_may_evict_is_exactly_whether_some_step_compacts(budget, slack):
                            for c in range(prompt, prompt + max_tokens - 1))
             assert cfg.may_evict(prompt, max_tokens) == compacts, (prompt, max_tokens)
     assert not cfg.may_evict(cap - 3, 5) and cfg.may_evict(cap - 3, 6)  # cap + 2 / cap + 3
+
+
+def test_policy_args_are_validated_and_reach_the_policy():
+    cfg = EvictionConfig(policy="snapkv", budget=100,
+                         policy_args={"snapkv": {"observation_window": 16, "pool_kernel": 3},
+                                      "random": {"seed": 7}})
+    policy = cfg.build_policy()
+    assert (policy.observation_window, policy.pool_kernel) == (16, 3)
+    assert cfg.for_request({"kv_eviction": "random"}).build_policy().seed == 7
+    assert cfg.for_request({"kv_eviction": "h2o"}).build_policy() is not None  # no args: defaults
+    parsed = EvictionConfig.parse({"policy": "pyramidkv", "policy_args": '{"pyramidkv": {"beta": 4}}'})
+    assert parsed.build_policy().beta == 4
+    for bad, needle in [
+        ({"snapkv": {"window": 3}}, "snapkv: unknown parameter 'window'"),
+        ({"snapkv": {"pool_kernel": "7"}}, "snapkv.pool_kernel: must be int"),
+        ({"snapkv": {"pool_kernel": True}}, "snapkv.pool_kernel: must be int"),
+        ({"lru": {}}, "unknown policy 'lru'"),
+        ({"h2o": {"beta": 1}}, "h2o: unknown parameter 'beta'; h2o has no parameters"),
+        ("{not json", "must be JSON"),
+    ]:
+        with pytest.raises(EvictionConfigError, match="kv_eviction.policy_args") as err:
+            EvictionConfig.parse({"policy": "snapkv", "policy_args": bad})
+        assert needle in str(err.value), str(err.value)

@@ -12,9 +12,9 @@ import random
 import pytest
 
 from tests.conftest import run_engine_job
-from vllm_evict.config import EvictionConfig
-from vllm_evict.oracle import compare, load_reference_model
-from vllm_evict.worker.dump import read_dump, records_for
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.dump import read_dump, records_for
+from vllm_evict.core.oracle import compare, load_reference_model
 
 pytestmark = pytest.mark.engine
 

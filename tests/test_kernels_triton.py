@@ -46,8 +46,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from vllm_evict.attention import stats  # noqa: E402
-from vllm_evict.attention.layouts import gpu_views  # noqa: E402
+from vllm_evict.core import observation as stats  # noqa: E402
+from vllm_evict.host.attention.layouts import gpu_views  # noqa: E402
 from vllm_evict.kernels.paged import cdiv, paged_index  # noqa: E402
 from vllm_evict.kernels.triton_compaction import compact, compact_request_reference  # noqa: E402
 from vllm_evict.kernels.triton_decode_scores import (  # noqa: E402
@@ -420,7 +420,8 @@ def _observer_case(gqa: int, dim: int, dtype: torch.dtype):
             mask = torch.rand(kv_heads, held, generator=g) < 0.3
             mask[:, -1] = False
             hidden = [mask]
-        observations.append(stats.Observation(row, kind, hidden=hidden, **spec))
+        observations.append(stats.Observation(
+            row, kind, visible=None if hidden is None else [~h for h in hidden], **spec))
     seeded_scores(pool, g, counts)
     return pool, query_start, query, output, observations
 
@@ -439,7 +440,7 @@ def test_gpu_observer_measures_what_the_cpu_statistics_measure(gqa: int, dim: in
                                                                dtype: torch.dtype) -> None:
     """The GPU backend's observer (batched Triton launches, in vLLM 0.32's GPU cache layout)
     against stats.observe_layer (the CPU backend's torch path) on one mixed step."""
-    from vllm_evict.attention import gpu
+    from vllm_evict.host.attention import gpu
 
     pool, query_start, query, output, observations = _observer_case(gqa, dim, dtype)
     before = pool.scores.clone()
@@ -453,7 +454,7 @@ def test_gpu_observer_measures_what_the_cpu_statistics_measure(gqa: int, dim: in
     torch.testing.assert_close(got[observed], want[observed], **SCALE_TOL)
     assert torch.equal(bits(got[~observed]), bits(before[~observed]))
     assert torch.equal(bits(got_out), bits(want_out))  # the masked request's output, recomputed
-    launches = gpu.plan_launches([ob for ob in observations if ob.hidden is None], query_start,
+    launches = gpu.plan_launches([ob for ob in observations if ob.visible is None], query_start,
                                  pool.seq_lens)
     assert sorted((la.mode, la.pool_kernel, la.max_queries) for la in launches) == [
         ("accumulate", 1, 20), ("accumulate", 3, 9), ("overwrite", 1, 5), ("overwrite", 5, 20)]
@@ -462,7 +463,7 @@ def test_gpu_observer_measures_what_the_cpu_statistics_measure(gqa: int, dim: in
 def test_gpu_observer_check_fails_on_a_wrong_block_table() -> None:
     """Negative control for the test above: the same step read through a block table whose rows
     0 and 2 are swapped (both hold > 1 page) must not pass."""
-    from vllm_evict.attention import gpu
+    from vllm_evict.host.attention import gpu
 
     pool, query_start, query, output, observations = _observer_case(4, 64, F16)
     want, _ = _observe(stats.observe_layer, pool, query_start, query, output, observations)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from vllm_evict.attention.layouts import cpu_views, probe_cpu_layout, write_with_cpu_op
+from vllm_evict.host.attention.layouts import cpu_views, probe_cpu_layout, write_with_cpu_op
 from vllm_evict.kernels.compaction import compact_request_reference
 from vllm_evict.kernels.paged import MappedPagedView, cdiv, gather_paged
 
@@ -33,7 +33,7 @@ IDS = [f"{isa}-{str(dt).removeprefix('torch.')}-bs{bs}-d{d}" for isa, dt, bs, d 
 
 _PROBE = """
 import sys, torch
-from vllm_evict.attention.layouts import write_with_cpu_op
+from vllm_evict.host.attention.layouts import write_with_cpu_op
 for case in sys.argv[2:]:
     dt, bs, d = case.split(":")
     dt, bs, d = getattr(torch, dt), int(bs), int(d)

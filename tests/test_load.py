@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.server import VllmServer
-from vllm_evict.config import EvictionConfigError
-from vllm_evict.engine.validation import check_request
+from vllm_evict.core.config import EvictionConfigError, resolve_request
 
 pytestmark = pytest.mark.server
 
@@ -45,7 +44,7 @@ POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm
 BROKEN_POLICIES = """
 from dataclasses import dataclass
 
-from vllm_evict.policies import Policy
+from vllm_evict.core.policies import Policy
 
 
 @dataclass
@@ -288,7 +287,7 @@ def test_fuzzed_vllm_xargs_get_a_clear_400_or_are_served(server, xargs):
     # arrive as ints); everything it accepts is then ours to judge.
     schema_ok = all(v is not None for v in xargs.values())
     try:
-        check_request({"kv_eviction": SERVER_KV},
+        resolve_request({"kv_eviction": SERVER_KV},
                       {k: int(v) if isinstance(v, bool) else v for k, v in xargs.items()})
         expect_ok = schema_ok
     except EvictionConfigError:

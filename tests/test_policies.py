@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_evict.config import EvictionConfig
-from vllm_evict.policies import (
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.policies import (
     Policy,
     SelectionInput,
     available_policies,
@@ -63,11 +63,11 @@ def test_none_is_reserved_and_listed_first():
 def test_third_party_policies_come_from_the_entry_point_group(tmp_path, monkeypatch):
     """A distribution that declares `[vllm_evict.policies] oldest = pkg:Class` is picked up
     without touching vllm-evict (the same mechanism an installed package uses)."""
-    from vllm_evict.policies import registry
+    from vllm_evict.core.policies import registry
 
     (tmp_path / "thirdparty_policy.py").write_text(
         "from dataclasses import dataclass\n"
-        "from vllm_evict.policies import Policy\n"
+        "from vllm_evict.core.policies import Policy\n"
         "@dataclass\n"
         "class Oldest(Policy):\n"
         "    name = 'oldest'\n"

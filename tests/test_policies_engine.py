@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import run_engine_job
-from vllm_evict.oracle import compare, load_reference_model, reference_logprobs
-from vllm_evict.worker.dump import read_dump, records_for
+from vllm_evict.core.dump import read_dump, records_for
+from vllm_evict.core.oracle import compare, load_reference_model, reference_logprobs
 
 pytestmark = pytest.mark.engine
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers.formula import expected_eviction
 from tests.helpers.server import VllmServer
-from vllm_evict.config import EvictionConfig
+from vllm_evict.core.config import EvictionConfig
 
 pytestmark = pytest.mark.server
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_evict.attention import stats
+from vllm_evict.core import observation as stats
 from vllm_evict.kernels.paged import gather_paged
 from vllm_evict.kernels.scoring import attention_probs_reference
 
@@ -60,7 +60,7 @@ def test_masked_recompute_is_attention_over_visible_entries():
     hidden = torch.zeros(HEADS, 20, dtype=torch.bool)
     hidden[0, 3:9] = True
     hidden[1, 10:12] = True
-    ob = stats.Observation(0, stats.Observe.ACCUMULATE, hidden=[hidden])
+    ob = stats.Observation(0, stats.Observe.ACCUMULATE, visible=[~hidden])
     _, output = _observe(ob, seq, n, key, value, table, query, block=256)
     keys = gather_paged(key, table[0, :4].long(), seq)
     values = gather_paged(value, table[0, :4].long(), seq)

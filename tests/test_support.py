@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CACHE, ROOT
-from vllm_evict.engine import support
+from tests.conftest import ROOT
+from vllm_evict.host import support
 
 EVICTION = {"kv_eviction": {"policy": "streaming", "budget": 64, "window": 16}}
 
@@ -112,15 +112,6 @@ def test_vllm_serve_exits_with_the_message(tiny_model):
     assert proc.returncode != 0
     assert "vllm serve: error: kv_eviction does not support pipeline parallelism" in out, out[-3000:]
     assert "EngineCore" not in out and "Traceback" not in out, out[-3000:]
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma3() -> str:
-    out = CACHE / "models" / "tiny-gemma3"
-    if not (out / "config.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out),
-                        "gemma3"], check=True, capture_output=True)
-    return str(out)
 
 
 def _engine_fails(tmp_path: Path, engine: dict) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_engine_job
-from vllm_evict.worker.dump import records_for
+from vllm_evict.core.dump import records_for
 
 pytestmark = pytest.mark.engine
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_evict.config import EvictionConfig
+from vllm_evict.core.config import EvictionConfig
 
 
 def expected_eviction(cfg: EvictionConfig, prompt: int, max_tokens: int) -> tuple[int, int]:

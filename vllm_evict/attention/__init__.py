@@ -1,1 +1,0 @@
-"""Attention-side pieces: views of each backend's paged KV layout (and, later, statistics)."""

@@ -1,0 +1,121 @@
+"""Statistics for score-based policies, measured on the attention path.
+
+The model runner announces, once per step, which requests need which observation; the
+attention wrapper of each layer then measures exactly those, per KV head (summed over its GQA
+group), into a float32 score buffer laid out like the page pool ([blocks, block_size,
+kv_heads] per layer). Compaction moves scores with their tokens. This module is the CPU (torch)
+path; a GPU backend wrapper calls the Triton kernels with the same plan.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_evict.kernels.paged import cdiv, gather_paged, paged_index
+from vllm_evict.kernels.scoring import attention_probs_reference, window_scores_reference
+
+
+class Observe(enum.Enum):
+    ACCUMULATE = "add every query's attention (h2o; snapkv after prefill)"
+    LATEST = "overwrite with the latest query's attention (tova)"
+    WINDOW = "sum the attention of the prompt's last queries, pooled at the prompt's end (snapkv)"
+
+
+@dataclass
+class Observation:
+    row: int
+    """The request's row in this step's batch."""
+    kind: Observe
+    window_from: int = 0
+    """WINDOW: index, among this step's queries of the request, of the first window query."""
+    window_starts: bool = False
+    """WINDOW: the window begins in this step (earlier scores are cleared)."""
+    window_ends: bool = False
+    """WINDOW: the prompt ends in this step (the summed scores are max-pooled)."""
+    pool_kernel: int = 1
+    visible: list[torch.Tensor] | None = None
+    """Per layer [kv_heads, n] bool: which held entries (physical 0 .. n - 1) attention may see
+    (pyramidkv's per-layer budgets; None: all). The layer's output is recomputed with the
+    others masked; entries written since (n and later) are always visible."""
+
+
+@dataclass
+class StepPlan:
+    observations: list[Observation]
+    score_buffers: list[torch.Tensor]
+    layer_of_cache: dict[int, int]
+    """data_ptr of a layer's KV cache -> its index in score_buffers."""
+    derived: dict = field(default_factory=dict)
+    """What a backend derives from the plan once per step and reuses in every layer (the GPU
+    backend's kernel launches)."""
+
+
+_current: StepPlan | None = None
+QUERY_BLOCK = 256
+
+
+def begin_step(plan: StepPlan | None) -> None:
+    global _current
+    _current = plan if plan is not None and plan.observations else None
+
+
+def current_plan() -> StepPlan | None:
+    return _current
+
+
+def page_slots(block_row: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
+    """Flat slot (page * page_size + offset) of physical positions 0 .. length - 1."""
+    page, slot = paged_index(block_row, length, page_size)
+    return page * page_size + slot
+
+
+def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor,
+                  value_view: torch.Tensor, query: torch.Tensor, output: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                  block_table: torch.Tensor, scale: float) -> None:
+    """key_view, value_view: [blocks, kv_heads, page_size, D] (see attention/layouts.py);
+    query, output: [T, q_heads, D], output as the backend computed it."""
+    layer = plan.layer_of_cache.get(kv_cache.data_ptr())
+    if layer is None:
+        return
+    _, kv_heads, page_size, dim = key_view.shape
+    scores = plan.score_buffers[layer].view(-1, kv_heads)
+    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    for ob in plan.observations:
+        first, last, seq = starts[ob.row], starts[ob.row + 1], lengths[ob.row]
+        pages = block_table[ob.row, : cdiv(seq, page_size)].long()
+
+        hidden = None
+        if ob.visible is not None:
+            hidden = torch.zeros(kv_heads, seq, dtype=torch.bool, device=query.device)
+            layer_visible = ob.visible[layer]
+            hidden[:, : layer_visible.shape[1]] = ~layer_visible
+        n = last - first
+        # Only the queries the statistic needs, in blocks so a long prefill chunk never builds
+        # more than QUERY_BLOCK x S probabilities at once. Masked requests need every query's
+        # output recomputed.
+        observed = {Observe.LATEST: n - 1, Observe.WINDOW: ob.window_from}.get(ob.kind, 0)
+        start = 0 if hidden is not None else observed
+        keys = gather_paged(key_view, pages, seq)
+        values = gather_paged(value_view, pages, seq).float() if hidden is not None else None
+        weights = torch.zeros(kv_heads, seq, dtype=torch.float32, device=query.device)
+        for lo in range(start, n, QUERY_BLOCK):
+            hi = min(n, lo + QUERY_BLOCK)
+            probs = attention_probs_reference(query[first + lo:first + hi], keys, scale, hidden,
+                                              first_position=seq - n + lo)
+            if values is not None:
+                out = torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(hi - lo, -1, dim)
+                output[first + lo:first + hi] = out.to(output.dtype)
+            weights += probs[max(0, observed - lo):].sum(dim=(0, 2))
+        slots = page_slots(block_table[ob.row], seq, page_size)
+        if ob.kind is Observe.LATEST:
+            scores[slots] = weights.T
+            continue
+        # ACCUMULATE and WINDOW add to what the held tokens had; new tokens start from zero.
+        scores[slots if ob.window_starts else slots[seq - n:]] = 0
+        scores[slots] += weights.T
+        if ob.kind is Observe.WINDOW and ob.window_ends:
+            scores[slots] = window_scores_reference(scores[slots].T[None], ob.pool_kernel).T

@@ -1,0 +1,125 @@
+"""The Policy interface: a policy scores the tokens a request holds; the base class selects.
+
+A policy is a small dataclass with a `score()` method, one per file. Higher scores are kept.
+Selection is the same for every policy: the sink tokens and the recent window are always kept,
+then the highest scores fill the budget, per (layer, KV head), with the same count in every
+head, and the kept tokens stay in logical order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from vllm_evict.core.observation import Observation, Observe
+
+if TYPE_CHECKING:  # the config imports the registry, which imports this module
+    from vllm_evict.core.config import EvictionConfig
+
+
+class Statistic(enum.Enum):
+    """What a policy needs measured on the attention path to score tokens."""
+
+    NONE = "none"
+    KEYS = "keys"
+    LATEST_QUERY_ATTENTION = "latest_query_attention"
+    ACCUMULATED_ATTENTION = "accumulated_attention"
+    PREFILL_WINDOW_ATTENTION = "prefill_window_attention"
+
+
+@dataclass
+class SelectionInput:
+    """What a policy sees about one request at a compaction.
+
+    positions: [layers, kv_heads, P] logical position of every held entry (physical order).
+    scores: [layers, kv_heads, P] float32 attention statistic, for policies that measure one.
+    keys: [layers, kv_heads, P, head_dim] held keys, for Statistic.KEYS policies.
+    """
+
+    request_id: str
+    positions: torch.Tensor
+    num_computed_tokens: int
+    target_length: int
+    config: EvictionConfig
+    scores: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+
+@dataclass
+class Policy:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    statistic: ClassVar[Statistic] = Statistic.NONE
+
+    def observation(self, row: int, num_computed_tokens: int, num_scheduled_tokens: int,
+                    num_prompt_tokens: int) -> Observation | None:
+        """What the attention wrapper measures for this request in a step that computes
+        `num_scheduled_tokens` after `num_computed_tokens` (its row in the batch: `row`).
+        The default follows `statistic`; policies with their own rule (snapkv) override it."""
+        if self.statistic is Statistic.ACCUMULATED_ATTENTION:
+            return Observation(row, Observe.ACCUMULATE)
+        if self.statistic is Statistic.LATEST_QUERY_ATTENTION:
+            return Observation(row, Observe.LATEST)
+        return None  # NONE and KEYS need nothing on the attention path
+
+    def score(self, inp: SelectionInput) -> torch.Tensor:
+        """[layers, kv_heads, P] scores; higher is kept. By default the measured statistic."""
+        if inp.scores is None:
+            raise ValueError(f"policy {self.name!r} needs {self.statistic.value} scores")
+        return inp.scores
+
+    def ranked_scores(self, inp: SelectionInput) -> torch.Tensor:
+        """Scores with the sink tokens and the recent window raised to +inf (always kept)."""
+        scores = self.score(inp).to(torch.float32).clone()
+        cfg = inp.config
+        protected = (inp.positions < cfg.sink_tokens) | (
+            inp.positions >= inp.num_computed_tokens - cfg.window
+        )
+        scores[protected] = float("inf")
+        return scores
+
+    def select(self, inp: SelectionInput) -> torch.Tensor:
+        """[layers, kv_heads, target] physical indices to keep, ascending in every row."""
+        kept = torch.topk(self.ranked_scores(inp), inp.target_length, dim=-1, sorted=False).indices
+        return kept.sort(dim=-1).values
+
+    def visible(self, inp: SelectionInput, keep: torch.Tensor) -> torch.Tensor | None:
+        """[layers, kv_heads, target] bool: which kept entries attention may see. None (the
+        default) means all of them; a policy with per-layer budgets hides the rest."""
+        return None
+
+
+class SelectionError(ValueError):
+    """A policy returned a selection the compaction cannot apply."""
+
+
+def check_selection(inp: SelectionInput, keep: object, visible: object) -> None:
+    """Raise SelectionError unless `keep` is [layers, kv_heads, target] int64 physical indices,
+    strictly ascending in every row and within the held entries, and `visible` is None or a
+    bool mask of the same shape. Third-party policies are checked before anything moves."""
+    want = (*inp.positions.shape[:2], inp.target_length)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or tuple(keep.shape) != want:
+        got = (f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor)
+               else type(keep).__name__)
+        raise SelectionError(f"select() must return int64 {want}; got {got}")
+    held = inp.positions.shape[-1]
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= held):
+        raise SelectionError(f"select() returned indices outside [0, {held})")
+    if keep.shape[-1] > 1 and not bool((keep[..., 1:] > keep[..., :-1]).all()):
+        raise SelectionError("select() must return strictly ascending indices in every row")
+    if visible is not None and (not isinstance(visible, torch.Tensor)
+                                or visible.dtype != torch.bool or tuple(visible.shape) != want):
+        raise SelectionError(f"visible() must return None or a bool {want} mask")
+
+
+def fallback_selection(inp: SelectionInput) -> torch.Tensor:
+    """What a compaction keeps when its policy fails: the sink tokens, then the most recent
+    tokens (StreamingLLM), which needs no statistic and always fits the budget."""
+    recency = inp.positions.to(torch.float32)
+    protected = inp.positions < inp.config.sink_tokens
+    recency[protected] = float("inf")
+    kept = torch.topk(recency, inp.target_length, dim=-1, sorted=False).indices
+    return kept.sort(dim=-1).values

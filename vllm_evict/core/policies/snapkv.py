@@ -1,0 +1,31 @@
+"""SnapKV (Li et al., 2024): the prompt's last queries vote for the prompt tokens to keep."""
+
+from dataclasses import dataclass
+
+from vllm_evict.core.observation import Observation, Observe
+from vllm_evict.core.policies.base import Policy, Statistic
+
+
+@dataclass
+class SnapKVPolicy(Policy):
+    name = "snapkv"
+    summary = ("attention of the prompt's last 64 queries, max-pooled (kernel 5), at the end "
+               "of prefill; then decode attention accumulates (SnapKV)")
+    statistic = Statistic.PREFILL_WINDOW_ATTENTION
+    observation_window: int = 64
+    pool_kernel: int = 5
+
+    def observation(self, row: int, num_computed_tokens: int, num_scheduled_tokens: int,
+                    num_prompt_tokens: int) -> Observation | None:
+        """The prompt's last `observation_window` queries, summed (and max-pooled in the chunk
+        where the prompt ends); after the prompt, every decode query accumulates."""
+        computed, prompt = num_computed_tokens, num_prompt_tokens
+        if computed >= prompt:
+            return Observation(row, Observe.ACCUMULATE)
+        end = computed + num_scheduled_tokens
+        window_start = max(0, prompt - self.observation_window)
+        if end <= window_start:
+            return None  # this prefill chunk holds no window query
+        return Observation(row, Observe.WINDOW, window_from=max(0, window_start - computed),
+                           window_starts=computed <= window_start, window_ends=end >= prompt,
+                           pool_kernel=self.pool_kernel)

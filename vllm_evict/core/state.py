@@ -1,0 +1,72 @@
+"""What a worker remembers about one request that may be compacted."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.policies import Policy
+
+logger = logging.getLogger("vllm.evict")
+
+
+@dataclass
+class RequestEvictionState:
+    config: EvictionConfig
+    policy: Policy = field(init=False)
+    evicted: int = 0
+    """Logical minus physical length: the one number the data path needs."""
+    kept_positions: torch.Tensor | None = None
+    """[layers, kv_heads, P] logical positions held right after the last compaction."""
+    positions_known_until: int = 0
+    """Logical length at the last compaction; later tokens were appended in order."""
+    visible: list[torch.Tensor] | None = None
+    """Per layer [kv_heads, P] bool: held entries attention may see (None: all; pyramidkv's
+    per-layer budgets hide the rest)."""
+    policy_failed: bool = False
+    """The policy raised or returned a malformed selection once (logged once per request)."""
+    may_evict: bool = True
+    """False when prompt + max_tokens never passes the cap: no statistics are measured."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.policy = self.config.build_policy()
+        except Exception as exc:  # a third-party policy that cannot even be built
+            from vllm_evict.core.policies.streaming import StreamingPolicy
+
+            logger.error("vllm-evict: policy %r could not be built (%s: %s); this request keeps "
+                         "sinks + recent tokens", self.config.policy, type(exc).__name__, exc)
+            self.policy, self.policy_failed = StreamingPolicy(), True
+
+    def reset(self) -> None:
+        """Preempted: vLLM recomputes the request from scratch, so start over."""
+        self.evicted = 0
+        self.kept_positions = None
+        self.positions_known_until = 0
+        self.visible = None
+
+    def visible_positions(self) -> list[list[list[int]]]:
+        """[layer][kv_head] logical positions attention sees, as of the last compaction."""
+        kept = self.kept_positions
+        if self.visible is None:
+            return kept.tolist()
+        return [[row[mask].tolist() for row, mask in zip(layer, visible, strict=True)]
+                for layer, visible in zip(kept, self.visible, strict=True)]
+
+    def held_positions(self, num_computed_tokens: int, layers: int, heads: int) -> torch.Tensor:
+        """[layers, heads, held] logical position of every physical slot in use."""
+        appended = torch.arange(self.positions_known_until, num_computed_tokens, dtype=torch.int64)
+        appended = appended.expand(layers, heads, -1)
+        if self.kept_positions is None:
+            return appended.clone()
+        return torch.cat([self.kept_positions, appended], dim=-1)
+
+    def record_compaction(self, kept_positions: torch.Tensor, num_computed_tokens: int,
+                  visible: torch.Tensor | None = None) -> None:
+        self.visible = None if visible is None else list(visible)
+        self.kept_positions = kept_positions
+        self.positions_known_until = num_computed_tokens
+        self.evicted = num_computed_tokens - kept_positions.shape[-1]

@@ -1,1 +1,0 @@
-"""Scheduler side: per-request eviction configs, page accounting, request validation."""

@@ -1,0 +1,1 @@
+"""Attention backend wrappers: statistics after vLLM attention, and cache layout views."""

@@ -1,0 +1,264 @@
+"""The model-runner side of eviction (vLLM's V1 runner: CPU, and GPU with V1 selected).
+
+Two hooks, both at the step boundary:
+  _update_states: before vLLM applies the scheduler's output (which appends new pages and may
+      hand pages this step freed to other requests), compact every scheduled request whose held
+      length passes `physical_length(num_computed_tokens)` and drop the pages the scheduler
+      freed from its block-table row.
+  _prepare_inputs: after vLLM computed logical positions, make `seq_lens` and `slot_mapping`
+      physical by subtracting each request's `evicted` count. Positions stay logical (RoPE).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from vllm_evict.core import observation as stats
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.dump import KeptPositionsDump
+from vllm_evict.core.policies import SelectionInput, Statistic, check_selection, fallback_selection
+from vllm_evict.core.state import RequestEvictionState
+from vllm_evict.host.metrics import metrics
+from vllm_evict.kernels.compaction import compact_request_reference
+from vllm_evict.kernels.paged import cdiv, gather_paged
+
+logger = logging.getLogger("vllm.evict")
+
+
+class EvictionRunnerMixin:
+    """Mixed in front of GPUModelRunner or one of its subclasses (CPUModelRunner)."""
+
+    def init_eviction(self, rank: int = 0) -> None:
+        from vllm.platforms import current_platform
+
+        self.eviction_default = (EvictionConfig.from_additional_config(
+            self.vllm_config.additional_config) or EvictionConfig())
+        self.eviction_states: dict[str, RequestEvictionState] = {}
+        self.eviction_step = 0
+        self.eviction_dump = KeptPositionsDump.from_env(rank)
+        self._eviction_is_cpu = current_platform.is_cpu()
+        self._eviction_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._score_buffers: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ vLLM hooks
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        self._check_supported(kv_cache_config)  # also probes the CPU layout: an unknown one
+        self._kv_views()  # stops the engine at start, never at the first compaction
+        return result
+
+    def _check_supported(self, kv_cache_config) -> None:
+        """Refuse, at start, every layout the data path cannot handle (engine/support.py)."""
+        from vllm_evict.host import support
+        from vllm_evict.host.attention.observing import ObservingImpl
+        from vllm_evict.host.kv_cache import EvictableAttentionSpec
+
+        groups = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
+        layers = {name: layer for name, layer in
+                  self.compilation_config.static_forward_context.items()
+                  if hasattr(layer, "impl") and hasattr(layer, "kv_cache")}
+        windowed = sorted(name for name, layer in layers.items()
+                          if getattr(layer.impl, "sliding_window", None) not in (None, -1, (-1, -1)))
+        support.check_kv_cache_groups(
+            [type(spec).__name__ for spec in groups],
+            [isinstance(spec, EvictableAttentionSpec) and not windowed for spec in groups])
+        support.check_layer_caches([tuple(kv.shape) for kv in self.kv_caches],
+                                   [kv.data_ptr() for kv in self.kv_caches],
+                                   self.shared_kv_cache_layers)
+        support.check_backends({name: type(layer.impl).__name__ for name, layer in layers.items()
+                                if not isinstance(layer.impl, ObservingImpl)})
+        rows = self.kv_caches[0].shape[0] if self.kv_caches else kv_cache_config.num_blocks
+        if rows != kv_cache_config.num_blocks:
+            # Compaction and the block-table truncation work in scheduler pages.
+            raise support.UnsupportedSetupError(
+                f"vllm-evict needs the attention kernel's block size to equal --block-size: the "
+                f"KV cache has {rows} kernel blocks for {kv_cache_config.num_blocks} pages; pass "
+                "a --block-size the attention backend supports natively")
+        if self._eviction_is_cpu:
+            isas = {getattr(layer, "isa", None) for layer in layers.values()}
+            if len(isas) != 1 or None in isas:
+                raise support.UnsupportedSetupError(
+                    f"vllm-evict: the CPU attention layers use ISAs {sorted(map(str, isas))}; "
+                    "eviction needs one ISA for every layer")
+            self._eviction_isa = isas.pop()
+            views = self._kv_views()
+            logger.info("vllm-evict: CPU attention ISA %s; KV layout probed with vLLM's "
+                        "cache-write op: %s", self._eviction_isa,
+                        type(views[0][0]).__name__ if views else "no layers")
+
+    def _update_states(self, scheduler_output):
+        self.eviction_step += 1
+        for req_id in scheduler_output.finished_req_ids:
+            self.eviction_states.pop(req_id, None)
+        self._compact_scheduled(scheduler_output)
+        result = super()._update_states(scheduler_output)
+        for new_req in scheduler_output.scheduled_new_reqs:
+            self._track(new_req.req_id, new_req.sampling_params)
+        return result
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        num_reqs = self.input_batch.num_reqs
+        evicted = np.zeros(num_reqs, dtype=np.int64)
+        for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+            state = self.eviction_states.get(req_id)
+            if state is not None:
+                evicted[i] = state.evicted
+        if evicted.any():
+            offsets = torch.from_numpy(evicted)
+            self.seq_lens[:num_reqs] -= offsets.to(self.seq_lens.device, self.seq_lens.dtype)
+            self.optimistic_seq_lens_cpu[:num_reqs] -= offsets.to(self.optimistic_seq_lens_cpu.dtype)
+            token_req = np.repeat(np.arange(num_reqs), num_scheduled_tokens)
+            num_tokens = len(token_req)
+            physical = self.positions[:num_tokens] - torch.from_numpy(evicted[token_req]).to(
+                self.positions.device)
+            self.input_batch.block_table.compute_slot_mapping(
+                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical)
+        stats.begin_step(self._plan_observations(num_scheduled_tokens))
+        return result
+
+    def execute_model(self, *args, **kwargs):
+        try:
+            return super().execute_model(*args, **kwargs)
+        finally:
+            stats.begin_step(None)  # dummy and profiling runs must never observe
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _track(self, req_id: str, sampling_params) -> None:
+        extra_args = sampling_params.extra_args if sampling_params is not None else None
+        cfg = self.eviction_default.for_request_or_full_cache(extra_args, req_id)
+        if cfg.evicts:
+            req_state = self.requests[req_id]
+            state = RequestEvictionState(cfg)
+            state.may_evict = cfg.may_evict(req_state.num_prompt_tokens, sampling_params.max_tokens)
+            self.eviction_states[req_id] = state
+
+    def _plan_observations(self, num_scheduled_tokens) -> stats.StepPlan | None:
+        """Which requests of this step need which attention statistic."""
+        observations = []
+        for row, req_id in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+            state = self.eviction_states.get(req_id)
+            if state is None or not state.may_evict:
+                continue
+            observation = state.policy.observation(
+                row, int(self.input_batch.num_computed_tokens_cpu[row]),
+                int(num_scheduled_tokens[row]), self.requests[req_id].num_prompt_tokens)
+            if observation is not None:
+                observation.visible = state.visible
+                observations.append(observation)
+        if not observations:
+            return None
+        self._kv_views()
+        return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache)
+
+    def _compact_scheduled(self, scheduler_output) -> None:
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.eviction_states.get(req_id)
+            if state is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                state.reset()
+                continue
+            if not state.may_evict:
+                continue  # the scheduler leaves its pages alone too: vanilla behaviour
+            computed = cached.num_computed_tokens[i]
+            target = state.config.physical_length(computed, self.requests[req_id].num_prompt_tokens)
+            if computed - state.evicted > target:
+                started = time.perf_counter()
+                self._compact(req_id, state, computed, target)
+                metrics().compaction_seconds.inc(time.perf_counter() - started)
+            # Every step, as the scheduler does (EvictionKVCacheManager.remove_skipped_blocks):
+            # pages past the physical length go, compacted or not. With speculative decoding
+            # these are the pages of rejected drafts' lookahead, which the scheduler frees and
+            # may hand out again in this very step.
+            self._drop_freed_pages(req_id, self.requests[req_id],
+                                   cdiv(target, self._kv_views()[0][0].shape[2]))
+
+    def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
+        if self._eviction_views is None:
+            from vllm_evict.host.attention.layouts import cpu_views, gpu_views
+
+            self._eviction_views = [
+                cpu_views(kv, self._eviction_isa) if self._eviction_is_cpu else gpu_views(kv)
+                for kv in self.kv_caches]
+            self._layer_of_cache = {kv.data_ptr(): i for i, kv in enumerate(self.kv_caches)}
+            self._score_buffers = [
+                torch.zeros(k.shape[0], k.shape[2], k.shape[1], dtype=torch.float32, device=k.device)
+                for k, _ in self._eviction_views]
+        return self._eviction_views
+
+    def _compact(self, req_id: str, state: RequestEvictionState, computed: int,
+                 target: int) -> None:
+        req_state = self.requests[req_id]
+        if len(req_state.block_ids) != 1:
+            raise NotImplementedError("vllm-evict supports models with one KV cache group")
+        pages = req_state.block_ids[0]
+        views = self._kv_views()
+        key0 = views[0][0]
+        num_layers, num_heads, page_size = len(views), key0.shape[1], key0.shape[2]
+        held = computed - state.evicted
+
+        positions = state.held_positions(computed, num_layers, num_heads)
+        page_ids = torch.tensor(pages[: cdiv(held, page_size)], dtype=torch.int64,
+                                device=key0.device)
+        slots = stats.page_slots(page_ids, held, page_size)
+        statistic = state.policy.statistic
+        scores = keys = None
+        if statistic is Statistic.KEYS:
+            keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views]).cpu()
+        elif statistic is not Statistic.NONE:
+            scores = torch.stack([buf.view(-1, num_heads)[slots].T for buf in self._score_buffers]).cpu()
+        inp = SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
+                             target_length=target, config=state.config, scores=scores, keys=keys)
+        keep, visible = self._select(state, inp)
+        keep_dev = keep.to(key0.device)
+        if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
+            from vllm_evict.kernels.triton_compaction import compact_request
+        for layer, (key, value) in enumerate(views):
+            score_view = self._score_buffers[layer].permute(0, 2, 1)  # [blocks, heads, page]
+            if key0.is_cuda:
+                compact_request(key, value, score_view, page_ids, keep_dev[layer])
+            else:
+                compact_request_reference([key, value, score_view.unsqueeze(-1)], page_ids,
+                                          keep_dev[layer])
+        state.record_compaction(positions.gather(-1, keep), computed, visible)
+        if self.eviction_dump is not None:
+            self.eviction_dump.write(req_id, self.eviction_step, computed, state.visible_positions())
+
+    def _select(self, state: RequestEvictionState, inp: SelectionInput):
+        """The policy's selection, or, if the policy raises or returns something malformed,
+        sinks + recent window: the scheduler has already freed the pages, so this compaction
+        must happen, and one request's failing policy must not stop the engine."""
+        try:
+            keep = state.policy.select(inp)
+            visible = state.policy.visible(inp, keep)
+            check_selection(inp, keep, visible)
+            return keep, visible
+        except Exception as exc:  # third-party code: anything may go wrong
+            metrics().policy_failures.labels(state.config.policy).inc()
+            if not state.policy_failed:
+                state.policy_failed = True
+                logger.error("vllm-evict: policy %r failed for request %s (%s: %s); its "
+                             "compactions keep sinks + recent tokens instead",
+                             state.config.policy, inp.request_id, type(exc).__name__, exc)
+            return fallback_selection(inp), None
+
+    def _drop_freed_pages(self, req_id: str, req_state, keep_pages: int) -> None:
+        """Mirror the scheduler, which returned every page past `keep_pages` to the pool."""
+        del req_state.block_ids[0][keep_pages:]
+        row = self.input_batch.req_id_to_index.get(req_id)
+        if row is None:
+            return  # re-added from req_state.block_ids when scheduled again
+        table = self.input_batch.block_table[0]
+        num_pages = table.num_blocks_per_row[row]
+        if num_pages > keep_pages:
+            table.block_table.np[row, keep_pages:num_pages] = 0
+            table.num_blocks_per_row[row] = keep_pages

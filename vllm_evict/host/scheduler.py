@@ -1,0 +1,81 @@
+"""EvictionScheduler: vLLM's scheduler plus each request's resolved eviction config.
+
+It resolves the config of every new request (server default + `vllm_xargs`) and shares the
+requests that will be compacted with the KV cache managers, which then cap their pages. Such
+requests neither read nor publish prefix-cache pages: compaction rewrites them in place.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.host.kv_cache import EvictionKVCacheManager
+from vllm_evict.host.metrics import metrics
+from vllm_evict.host.patching import extends
+
+logger = logging.getLogger("vllm.evict")
+
+
+@extends(why="resolve each request's eviction config and share it with the KV managers")
+class EvictionScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eviction_default = EvictionConfig.from_additional_config(
+            self.vllm_config.additional_config) or EvictionConfig()
+        self.eviction_configs: dict[str, EvictionConfig] = {}
+        self.eviction_managers = [
+            m for m in self.kv_cache_manager.coordinator.single_type_managers
+            if isinstance(m, EvictionKVCacheManager)
+        ]
+        if not self.eviction_managers:
+            raise RuntimeError(
+                "vllm-evict: no KV cache group uses EvictableAttentionSpec; the model's attention "
+                "layers are not supported (only full attention is)."
+            )
+        for manager in self.eviction_managers:
+            manager.eviction_configs = self.eviction_configs
+        self.eviction_managers[0].counts_metrics = True
+        logger.info("vllm-evict scheduler ready: %s", self.eviction_default.describe())
+
+    def add_request(self, request) -> None:
+        if request.request_id not in self.requests:
+            cfg = self._resolve(request)
+            metrics().requests.labels(cfg.policy).inc()
+            if cfg.may_evict(request.num_prompt_tokens, request.max_tokens):
+                self.eviction_configs[request.request_id] = cfg
+                request.skip_reading_prefix_cache = True
+        super().add_request(request)
+
+    def _resolve(self, request) -> EvictionConfig:
+        extra_args = request.sampling_params.extra_args if request.sampling_params else None
+        return self.eviction_default.for_request_or_full_cache(extra_args, request.request_id)
+
+    def _preempt_request(self, request, *args, **kwargs) -> None:
+        computed = request.num_computed_tokens
+        super()._preempt_request(request, *args, **kwargs)
+        if request.request_id in self.eviction_configs:
+            # vLLM recomputes a preempted request from scratch; its eviction restarts too, so
+            # its kept sets (and output) may differ from an uninterrupted run.
+            logger.info("vllm-evict: request %s preempted at %d tokens; eviction restarts on "
+                        "resume", request.request_id, computed)
+
+    def _free_blocks(self, request) -> None:
+        cfg = self.eviction_configs.pop(request.request_id, None)
+        if cfg is not None:
+            self._log_finished(request, cfg)
+        super()._free_blocks(request)
+
+    def _log_finished(self, request, cfg: EvictionConfig) -> None:
+        manager = self.eviction_managers[0]
+        rid = request.request_id
+        evicted = manager.evicted.get(rid, 0)
+        if request.num_computed_tokens:
+            metrics().kept_fraction.observe(1 - evicted / request.num_computed_tokens)
+        logger.info(
+            "vllm-evict: request %s done: policy=%s budget=%d logical_len=%d kept=%d "
+            "evicted_tokens=%d pages_freed=%d",
+            rid, cfg.policy, cfg.budget, request.num_computed_tokens,
+            request.num_computed_tokens - evicted, evicted, manager.pages_freed.get(rid, 0))

@@ -1,1 +1,0 @@
-"""Worker side: physical lengths and slots for the model runner, compaction at step boundaries."""
