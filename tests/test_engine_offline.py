@@ -219,7 +219,9 @@ def test_finished_requests_are_logged_with_their_savings(runs):
     # Only the requests flagged may_evict are logged: the two long ones and cap_plus_3.
     assert len(lines) == 3, lines
     assert all("evicted_tokens=" in ln and "pages_freed=" in ln for ln in lines)
-    flagged = {ln.split("vllm-evict: request ")[1].split(" done")[0] for ln in lines}
+    # vLLM suffixes the ids it logs: "6" is logged as "6-a8d03262".
+    flagged = {ln.split("vllm-evict: request ")[1].split(" done")[0].split("-")[0]
+               for ln in lines}
     assert flagged == {runs["evict"][n]["request_id"]
                        for n in ("streaming", "streaming_chunked", "cap_plus_3")}
 
@@ -228,4 +230,10 @@ def test_may_evict_is_exact_at_the_boundary(runs):
     """cap + 2 is never compacted (so it keeps the prefix cache); cap + 3 is, once."""
     assert runs["records"]["cap_plus_2"] == []
     assert [r["logical_len"] for r in runs["records"]["cap_plus_3"]] == [81]
-    assert runs["evict"]["cap_plus_3"]["token_ids"] != runs["vanilla"]["cap_plus_3"]["token_ids"]
+    # The compaction at 81 comes before the last forward: only the last token's distribution
+    # changes (everything before it is vanilla's, to the bit).
+    ours, vanilla = runs["evict"]["cap_plus_3"], runs["vanilla"]["cap_plus_3"]
+    assert ours["token_ids"][:-1] == vanilla["token_ids"][:-1]
+    assert max(abs(a - b) for a, b in zip(ours["logprobs"][:-1], vanilla["logprobs"][:-1],
+                                          strict=True)) <= TOLERANCE
+    assert abs(ours["logprobs"][-1] - vanilla["logprobs"][-1]) > TOLERANCE

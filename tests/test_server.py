@@ -16,7 +16,7 @@ import time
 import openai
 import pytest
 
-from tests.helpers.formula import expected_eviction
+from tests.helpers.formula import expected_eviction, expected_pages_freed
 from tests.helpers.server import VllmServer
 from vllm_evict.core.config import EvictionConfig
 
@@ -158,7 +158,8 @@ async def test_evicted_pages_go_back_to_the_pool(server, client):
     print(f"\nwith eviction: {evict}\nwithout:       {full}")
     assert evict["completion_tokens"] == [300] * n and full["completion_tokens"] == [300] * n
     assert evict["all_ran_at_once"] and evict["preemptions"] == 0
-    assert evict["pages_freed"] > 0 and full["pages_freed"] == 0
+    assert evict["pages_freed"] == n * expected_pages_freed(SERVER_CFG, 900, 300, PAGE) > 0
+    assert full["pages_freed"] == 0
     assert full["preemptions"] > 0 or not full["all_ran_at_once"]
 
 
@@ -186,6 +187,7 @@ async def test_metrics_add_up_with_the_per_request_log(server, client):
     assert delta("vllm_evict:requests_total") == len(policies)
     assert delta("vllm_evict:compactions_total") == 3 * compactions  # none never compacts
     assert delta("vllm_evict:tokens_evicted_total") == 3 * evicted
+    assert delta("vllm_evict:pages_freed_total") == 3 * expected_pages_freed(SERVER_CFG, 500, 40, PAGE)
     assert delta("vllm_evict:scoring_seconds_total") > 0  # h2o and tova measured attention
     assert delta("vllm_evict:compaction_seconds_total") > 0
     assert delta("vllm_evict:policy_failures_total") == 0

@@ -15,3 +15,18 @@ def expected_eviction(cfg: EvictionConfig, prompt: int, max_tokens: int) -> tupl
             compactions += 1
             evicted = c - target
     return compactions, evicted
+
+
+def expected_pages_freed(cfg: EvictionConfig, prompt: int, max_tokens: int, page: int) -> int:
+    """Pages the scheduler returns mid-flight for that request: at each step boundary it holds
+    the pages of the previous step's physical length plus the token computed since, and keeps
+    cdiv(P(c), page) of them."""
+    def pages(n: int) -> int:
+        return -(-n // page)
+
+    freed, held = 0, pages(prompt)
+    for c in range(prompt, prompt + max_tokens - 1):
+        physical = cfg.physical_length(c, prompt)
+        freed += max(0, held - pages(physical))
+        held = pages(physical + 1)  # this step's token
+    return freed
