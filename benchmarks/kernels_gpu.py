@@ -20,6 +20,7 @@ Writes docs/results/kernels_gpu.json and docs/results/kernels_gpu.png. Without a
 prints why and exits with status 2 (`--smoke` instead runs tiny shapes on the CPU under
 TRITON_INTERPRET=1, to check this script itself; its numbers mean nothing).
 
+    pip install --no-deps --no-build-isolation -e .  # once, where the plugin is not installed
     python benchmarks/kernels_gpu.py                 # full grid (several minutes on an H100)
     python benchmarks/kernels_gpu.py --quick         # batches 1 16 64, contexts 2k 32k 128k
 """
@@ -27,7 +28,6 @@ TRITON_INTERPRET=1, to check this script itself; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -50,21 +50,13 @@ TARGETS = {"decode_scores_over_decode_step": 0.10, "compaction_of_copy_bandwidth
 
 
 def import_kernels() -> dict[str, Any]:
-    """`vllm_evict.kernels` is the top-level kernels/ folder, mapped there by the package install;
-    the device image has no install, so map it by hand when needed."""
-    sys.path.insert(0, str(ROOT))
+    """`vllm_evict.kernels` is the top-level kernels/ folder, mapped there by the package
+    install; on a machine without the plugin installed (the GPU image), install it first:
+    `pip install --no-deps --no-build-isolation -e .` (no vLLM needed)."""
     try:
         import vllm_evict.kernels  # noqa: F401
-    except ImportError:
-        import vllm_evict
-
-        spec = importlib.util.spec_from_file_location(
-            "vllm_evict.kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["vllm_evict.kernels"] = module
-        spec.loader.exec_module(module)
-        vllm_evict.kernels = module
+    except ImportError as exc:
+        sys.exit(f"{exc}: install the plugin first: pip install --no-deps --no-build-isolation -e .")
     from vllm_evict.kernels import (
         triton_compaction,
         triton_decode_scores,

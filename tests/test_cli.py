@@ -95,7 +95,7 @@ def test_gpu_engines_keep_attention_out_of_cuda_graphs(tiny_model, given, enforc
     from vllm.config import CUDAGraphMode
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_evict.cli import keep_attention_out_of_cuda_graphs
+    from vllm_evict.host.cli import keep_attention_out_of_cuda_graphs
 
     compilation = {} if given is None else {"cudagraph_mode": given}
     engine_args = EngineArgs(model=tiny_model, compilation_config=compilation,

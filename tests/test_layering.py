@@ -53,3 +53,42 @@ def test_the_blocker_catches_the_adapter():
     """Negative control: the adapter does import vLLM, so the same check must fail on it."""
     proc = _import_without_vllm(["vllm_evict.host.scheduler"])
     assert proc.returncode != 0 and "vLLM imported" in proc.stderr
+
+
+def test_every_vllm_touch_is_recorded_and_listed_by_doctor():
+    proc = subprocess.run([sys.executable, "-m", "vllm_evict", "--doctor"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for target in ("EngineArgs.from_cli_args", "EngineArgs.create_engine_config",
+                   "InputProcessor._validate_params", "Attention.get_kv_cache_spec",
+                   "register_custom_kv_cache_specs", "AttentionBackendEnum.CPU_ATTN",
+                   "sched.scheduler.Scheduler", "FullAttentionManager", "CPUWorker"):
+        assert target in out, out
+    assert "(supported: 0.32.x)" in out
+
+
+def test_patching_is_idempotent_and_refuses_other_vllm_versions(monkeypatch):
+    import pytest
+
+    from vllm_evict.host import patching
+
+    class Target:
+        def greet(self) -> str:
+            return "hi"
+
+        @staticmethod
+        def double(x: int) -> int:
+            return 2 * x
+
+    def wrap(original):
+        return lambda self: original(self) + "!"
+
+    assert patching.patch(Target, "greet", wrap, why="test")
+    assert not patching.patch(Target, "greet", wrap, why="test")  # once only
+    assert Target().greet() == "hi!"
+    assert patching.patch(Target, "double", lambda f: (lambda x: f(x) + 1), why="test")
+    assert Target.double(3) == 7  # still a staticmethod
+    monkeypatch.setattr(patching, "vllm_version", lambda: "0.33.0")
+    with pytest.raises(patching.UnsupportedVllmError, match="supports vLLM 0.32.x; this is vLLM 0.33.0"):
+        patching.check_vllm_version()

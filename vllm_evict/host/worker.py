@@ -1,4 +1,4 @@
-"""Workers whose model runner carries the eviction hooks (selected by vllm_evict.cli)."""
+"""Workers whose model runner carries the eviction hooks (selected by vllm_evict.host.cli)."""
 
 from __future__ import annotations
 

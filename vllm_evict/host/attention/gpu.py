@@ -3,7 +3,7 @@ scoring kernels of kernels/ over the same paged cache.
 
 Registered over both by EvictionGPUWorker (so only engines with eviction use them). vLLM's
 piecewise CUDA graphs leave attention out of the captured pieces, so this hook runs eagerly
-every step; vllm_evict.cli keeps CUDA graphs piecewise (no full-graph decode) for engines with
+every step; vllm_evict.host.cli keeps CUDA graphs piecewise (no full-graph decode) for engines with
 eviction. Compaction runs in the model runner's _update_states, outside any graph.
 
 One step's observations are grouped into one launch per kernel configuration, computed once
