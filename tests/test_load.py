@@ -44,7 +44,7 @@ POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm
 BROKEN_POLICIES = """
 from dataclasses import dataclass
 
-from vllm_evict.core.policies import Policy
+from vllm_evict.core.policies import Policy, Statistic
 
 
 @dataclass
@@ -54,6 +54,16 @@ class Raising(Policy):
 
     def score(self, inp):
         raise RuntimeError("deliberately broken policy")
+
+
+@dataclass
+class Blind(Policy):
+    name = "blind"
+    summary = "raises when asked what to measure"
+    statistic = Statistic.ACCUMULATED_ATTENTION
+
+    def observation(self, *args):
+        raise RuntimeError("deliberately broken observation")
 
 
 @dataclass
@@ -73,7 +83,8 @@ def _install_broken_policies(path) -> None:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-policies\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[vllm_evict.policies]\n"
                                            "raising = broken_policies:Raising\n"
-                                           "malformed = broken_policies:Malformed\n")
+                                           "malformed = broken_policies:Malformed\n"
+                                           "blind = broken_policies:Blind\n")
 
 
 @pytest.fixture(scope="module")
@@ -228,15 +239,16 @@ async def test_preempted_eviction_requests_restart_and_finish(server):
 
 
 async def test_a_failing_policy_falls_back_and_touches_no_other_request(server):
-    """Requests whose policy raises, or returns a malformed selection, under load beside
+    """Requests whose policy raises (in score() or in observation()), or returns a malformed
+    selection, under load beside
     healthy ones: each of their compactions keeps sinks + recent tokens instead (so they give
     exactly the tokens of kv_eviction=streaming), the failure is logged once per request and
     counted per compaction, every other request gives its tokens served alone, and the server
     stays healthy."""
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     jobs = [(_ids(1100 + i, 250), {"kv_eviction": policy}, 120)
-            for i, policy in enumerate(["raising", "raising", "malformed", "malformed", "h2o",
-                                        "snapkv", "streaming", "none"])]
+            for i, policy in enumerate(["raising", "raising", "malformed", "malformed", "blind",
+                                        "h2o", "snapkv", "streaming", "none"])]
     before, log_before = server.metrics(), len(server.log())
     served = await asyncio.gather(*(_complete(client, server, *job) for job in jobs))
     assert [n for _, n, _ in served] == [120] * len(jobs)
@@ -248,11 +260,13 @@ async def test_a_failing_policy_falls_back_and_touches_no_other_request(server):
     for (prompt, xargs, n), (text, _, rid) in zip(jobs, served, strict=True):
         if any(p.startswith(rid) for p in preempted):
             continue  # restarted eviction: not comparable with a run alone
+        if xargs["kv_eviction"] == "blind":
+            continue  # it measured nothing: no reference to compare with
         broken = xargs["kv_eviction"] in ("raising", "malformed")
         alone, _, _ = await _complete(client, server, prompt,
                                       {"kv_eviction": "streaming"} if broken else xargs, n)
         assert alone == text, (xargs, rid)
-    for policy, requests in (("raising", 2), ("malformed", 2)):
+    for policy, requests in (("raising", 2), ("malformed", 2), ("blind", 1)):
         failed = re.findall(rf"policy '{policy}' failed for request (\S+)", log)
         assert len(failed) == len(set(failed)) == requests, log[-3000:]
     assert re.search(r"RuntimeError: deliberately broken policy", log)
@@ -268,8 +282,10 @@ async def test_a_failing_policy_falls_back_and_touches_no_other_request(server):
                 if s.name.endswith("_total")}
     compactions = {s.labels["policy"]: s.value for s in families["vllm_evict:compactions"].samples
                    if s.name.endswith("_total")}
-    assert set(failures) == {"raising", "malformed"}
-    assert failures == {p: compactions[p] for p in failures} and all(failures.values())
+    assert set(failures) == {"raising", "malformed", "blind"}
+    broken_selection = {p: failures[p] for p in ("raising", "malformed")}
+    assert broken_selection == {p: compactions[p] for p in broken_selection}
+    assert all(failures.values())  # blind: one per step it was asked what to measure
     assert delta("vllm_evict:policy_failures_total") == sum(failures.values())
 
 

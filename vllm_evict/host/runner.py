@@ -146,9 +146,13 @@ class EvictionRunnerMixin:
             state = self.eviction_states.get(req_id)
             if state is None or not state.may_evict:
                 continue
-            observation = state.policy.observation(
-                row, int(self.input_batch.num_computed_tokens_cpu[row]),
-                int(num_scheduled_tokens[row]), self.requests[req_id].num_prompt_tokens)
+            try:
+                observation = state.policy.observation(
+                    row, int(self.input_batch.num_computed_tokens_cpu[row]),
+                    int(num_scheduled_tokens[row]), self.requests[req_id].num_prompt_tokens)
+            except Exception as exc:  # third-party code: measure nothing for this request
+                self._policy_failed(state, req_id, exc)
+                observation = None
             if observation is not None:
                 observation.visible = state.visible
                 observations.append(observation)
@@ -243,13 +247,18 @@ class EvictionRunnerMixin:
             check_selection(inp, keep, visible)
             return keep, visible
         except Exception as exc:  # third-party code: anything may go wrong
-            metrics().policy_failures.labels(state.config.policy).inc()
-            if not state.policy_failed:
-                state.policy_failed = True
-                logger.error("vllm-evict: policy %r failed for request %s (%s: %s); its "
-                             "compactions keep sinks + recent tokens instead",
-                             state.config.policy, inp.request_id, type(exc).__name__, exc)
+            self._policy_failed(state, inp.request_id, exc)
             return fallback_selection(inp), None
+
+    @staticmethod
+    def _policy_failed(state: RequestEvictionState, req_id: str, exc: Exception) -> None:
+        """Count every failure; log the first of each request."""
+        metrics().policy_failures.labels(state.config.policy).inc()
+        if not state.policy_failed:
+            state.policy_failed = True
+            logger.error("vllm-evict: policy %r failed for request %s (%s: %s); its "
+                         "compactions keep sinks + recent tokens instead",
+                         state.config.policy, req_id, type(exc).__name__, exc)
 
     def _drop_freed_pages(self, req_id: str, req_state, keep_pages: int) -> None:
         """Mirror the scheduler, which returned every page past `keep_pages` to the pool."""
