@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, SMOLLM2, contain_vllm_files, write_json
+from common import RESULTS, SMOLLM2, contain_vllm_files, pyplot, save_figure, write_json
 
 contain_vllm_files()
 
@@ -80,10 +80,7 @@ def run_engine(args, policies: list[str], env: dict) -> dict:
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = ["vanilla", *result["plugin"]]
     values = [result["vanilla"]["step_ms"]] + [v["step_ms"] for v in result["plugin"].values()]
@@ -96,7 +93,7 @@ def plot(result: dict) -> None:
     ax.set_title(f"batch {cfg['batch']}, prompt {cfg['prompt_len']}, budget {cfg['budget']}, "
                  f"{cfg['steps']} steps, CPU", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "decode_overhead.png", dpi=120)
+    save_figure(fig, RESULTS / "decode_overhead.png")
 
 
 def main() -> None:

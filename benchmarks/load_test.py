@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 
-from common import RESULTS, ROOT, contain_vllm_files, write_json
+from common import RESULTS, ROOT, contain_vllm_files, pyplot, save_figure, write_json
 
 contain_vllm_files()
 
@@ -104,10 +104,7 @@ async def run_load(server: VllmServer, model: str, jobs: list[dict], evict: bool
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = ["without eviction", "with eviction"]
     runs = [result["full_cache"], result["evict"]]
@@ -124,7 +121,7 @@ def plot(result: dict) -> None:
                  f"{cfg['pages']} pages; pages leaked: {result['evict']['pages_leaked']} / "
                  f"{result['full_cache']['pages_leaked']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "load_test.png", dpi=120)
+    save_figure(fig, RESULTS / "load_test.png")
 
 
 def main() -> None:

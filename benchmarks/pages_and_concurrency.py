@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 
-from common import RESULTS, ROOT, SMOLLM2, contain_vllm_files, write_json
+from common import RESULTS, ROOT, SMOLLM2, contain_vllm_files, pyplot, save_figure, write_json
 
 contain_vllm_files()
 
@@ -86,10 +86,7 @@ def measure(label: str, model: str, extra_args: list[str], env: dict, args) -> d
 
 
 def plot(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = ["vanilla", "evict"]
     panels = [("peak pages, one request", lambda r: r["alone"]["peak_pages"]),
@@ -109,7 +106,7 @@ def plot(result: dict) -> None:
                  f"pool {cfg['pages']} pages x {cfg['page_size']}; streaming budget {cfg['budget']}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "pages_and_concurrency.png", dpi=120)
+    save_figure(fig, RESULTS / "pages_and_concurrency.png")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.quality.kvpress_run --tasks niah_single vt --context-lens 2k \
         --samples 1 --policies streaming snapkv --budgets 128 256
 
-kvpress 0.5.5 runs in its own venv (.cache/kvpress-venv, built by benchmarks/kvpress_parity.py
+kvpress 0.5.5 runs in its own venv (.cache/kvpress-venv, built by benchmarks/kvpress_parity
 if missing) on the same model directory, in float32 with SDPA attention. Each (sample, press,
 budget) is one greedy `model.generate` of the same chat-formatted token ids the vLLM runner
 sends (the RULER answer prefix continues the assistant turn), under `with press(model):`, so the
