@@ -46,7 +46,7 @@ def observing_backend(backend: type, impl: type) -> type:
     name the caller binds it to, so vLLM's registry can import it by path."""
     from vllm_evict.host.patching import extends
 
-    extends(why=f"impl {impl.__name__}")(impl)
+    extends(why="vLLM's attention, then the statistics this step's plan asks for")(impl)
     return extends(why="the same backend with the statistics impl")(
         type(f"Eviction{backend.__name__}", (backend,),
              {"get_impl_cls": staticmethod(lambda: impl), "__module__": impl.__module__}))
