@@ -109,3 +109,24 @@ def test_policy_args_are_validated_and_reach_the_policy():
         with pytest.raises(EvictionConfigError, match="kv_eviction.policy_args") as err:
             EvictionConfig.parse({"policy": "snapkv", "policy_args": bad})
         assert needle in str(err.value), str(err.value)
+
+
+def test_compacts_within_names_exactly_the_steps_before_a_compaction():
+    """Brute force: walk a request boundary by boundary (one token a step after a 50-token
+    prompt, or drafts of 3) and compare with where compactions really happen."""
+    from vllm_evict.core.state import RequestEvictionState
+
+    cfg = EvictionConfig(policy="tova", budget=40, sink_tokens=4, window=8, slack=7)
+    for step in (1, 4):
+        state = RequestEvictionState(cfg)
+        predicted, actual = [], []
+        c = 50
+        while c < 200:
+            predicted.append(state.compacts_within(c, step, 50))
+            nxt = c + step
+            target = cfg.physical_length(nxt, 50)
+            actual.append(nxt - state.evicted > target)
+            if actual[-1]:
+                state.evicted = nxt - target
+            c = nxt
+        assert predicted == actual and any(actual) and not all(actual)

@@ -56,6 +56,15 @@ class RequestEvictionState:
         return [[row[mask].tolist() for row, mask in zip(layer, visible, strict=True)]
                 for layer, visible in zip(kept, self.visible, strict=True)]
 
+    def compacts_within(self, num_computed_tokens: int, num_scheduled_tokens: int,
+                        num_prompt_tokens: int) -> bool:
+        """Whether a step boundary after this step (num_computed + 1 .. + num_scheduled: with
+        drafts, fewer tokens than scheduled may be accepted) compacts the request."""
+        cfg, held_before = self.config, num_computed_tokens - self.evicted
+        return any(cfg.physical_length(b, num_prompt_tokens) < held_before + (b - num_computed_tokens)
+                   for b in range(num_computed_tokens + 1,
+                                  num_computed_tokens + num_scheduled_tokens + 1))
+
     def held_positions(self, num_computed_tokens: int, layers: int, heads: int) -> torch.Tensor:
         """[layers, heads, held] logical position of every physical slot in use."""
         appended = torch.arange(self.positions_known_until, num_computed_tokens, dtype=torch.int64)

@@ -146,12 +146,19 @@ class EvictionRunnerMixin:
             state = self.eviction_states.get(req_id)
             if state is None or not state.may_evict:
                 continue
+            computed, scheduled = (int(self.input_batch.num_computed_tokens_cpu[row]),
+                                   int(num_scheduled_tokens[row]))
+            prompt = self.requests[req_id].num_prompt_tokens
             try:
-                observation = state.policy.observation(
-                    row, int(self.input_batch.num_computed_tokens_cpu[row]),
-                    int(num_scheduled_tokens[row]), self.requests[req_id].num_prompt_tokens)
+                observation = state.policy.observation(row, computed, scheduled, prompt)
             except Exception as exc:  # third-party code: measure nothing for this request
                 self._policy_failed(state, req_id, exc)
+                observation = None
+            if observation is not None and observation.kind is stats.Observe.LATEST and \
+                    not state.compacts_within(computed, scheduled, prompt):
+                # The latest query's attention overwrites every held entry and is read only by
+                # a compaction, so only the step right before one needs it (tova: ~1 step in
+                # slack + 1 instead of every step).
                 observation = None
             if observation is not None:
                 observation.visible = state.visible
