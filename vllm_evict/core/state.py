@@ -74,7 +74,7 @@ class RequestEvictionState:
         return torch.cat([self.kept_positions, appended], dim=-1)
 
     def record_compaction(self, kept_positions: torch.Tensor, num_computed_tokens: int,
-                  visible: torch.Tensor | None = None) -> None:
+                          visible: torch.Tensor | None = None) -> None:
         self.visible = None if visible is None else list(visible)
         self.kept_positions = kept_positions
         self.positions_known_until = num_computed_tokens

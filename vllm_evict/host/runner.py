@@ -48,12 +48,12 @@ class EvictionRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        self._check_supported(kv_cache_config)  # also probes the CPU layout: an unknown one
-        self._kv_views()  # stops the engine at start, never at the first compaction
+        self._check_supported(kv_cache_config)
+        self._kv_views()  # probes the CPU layout: an unknown one stops the engine at start
         return result
 
     def _check_supported(self, kv_cache_config) -> None:
-        """Refuse, at start, every layout the data path cannot handle (engine/support.py)."""
+        """Refuse, at start, every layout the data path cannot handle (host/support.py)."""
         from vllm_evict.host import support
         from vllm_evict.host.attention.observing import ObservingImpl
         from vllm_evict.host.kv_cache import EvictableAttentionSpec
@@ -190,7 +190,7 @@ class EvictionRunnerMixin:
             # these are the pages of rejected drafts' lookahead, which the scheduler frees and
             # may hand out again in this very step.
             self._drop_freed_pages(req_id, self.requests[req_id],
-                                   cdiv(target, self._kv_views()[0][0].shape[2]))
+                                   cdiv(target, self._eviction_page_size))
 
     def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
@@ -201,6 +201,8 @@ class EvictionRunnerMixin:
                 cpu_views(kv, self._eviction_isa) if self._eviction_is_cpu else gpu_views(kv)
                 for kv in self.kv_caches]
             self._layer_of_cache = {kv.data_ptr(): i for i, kv in enumerate(self.kv_caches)}
+            if self._eviction_views:
+                self._eviction_page_size = self._eviction_views[0][0].shape[2]
             self._score_buffers = [
                 torch.zeros(k.shape[0], k.shape[2], k.shape[1], dtype=torch.float32, device=k.device)
                 for k, _ in self._eviction_views]
@@ -208,10 +210,8 @@ class EvictionRunnerMixin:
 
     def _compact(self, req_id: str, state: RequestEvictionState, computed: int,
                  target: int) -> None:
-        req_state = self.requests[req_id]
-        if len(req_state.block_ids) != 1:
-            raise NotImplementedError("vllm-evict supports models with one KV cache group")
-        pages = req_state.block_ids[0]
+        # One KV cache group: checked when the KV cache was set up (_check_supported).
+        pages = self.requests[req_id].block_ids[0]
         views = self._kv_views()
         key0 = views[0][0]
         num_layers, num_heads, page_size = len(views), key0.shape[1], key0.shape[2]

@@ -1,10 +1,11 @@
 """Every vLLM set-up an engine with eviction cannot serve, refused when the engine starts.
 
 Two moments, both before `vllm serve` reports healthy and before `LLM()` returns:
-  * `check_engine_config` runs in the process that builds the engine config (the API server,
-    or the `LLM()` caller), right after vLLM resolved it: features chosen by flags.
-  * `check_kv_cache_layout` runs in each worker once its KV cache exists: what the model's
-    layers turned out to be (KV cache groups, shared caches, per-layer shapes, backends).
+  * `prepare_engine_args` (before vLLM validates the config) and `check_engine_config` (after
+    it resolved it) run in the process that builds the engine config (the API server, or the
+    `LLM()` caller): features chosen by flags.
+  * `check_kv_cache_groups`, `check_layer_caches` and `check_backends` run in each worker once
+    its KV cache exists (host/runner.py): what the model's layers turned out to be.
 
 Each message names the feature, the flag that turns it off, and why eviction cannot run with
 it. The data-path rule behind all of them: the scheduler and the workers compute a request's
@@ -36,14 +37,25 @@ def _refuse(feature: str, how_to_turn_off: str, why: str) -> UnsupportedSetupErr
         f"{how_to_turn_off}; or drop --kv-eviction / additional_config.kv_eviction.")
 
 
+def _refuse_async_scheduling() -> UnsupportedSetupError:
+    return _refuse(
+        "async scheduling (--async-scheduling)", "remove --async-scheduling",
+        "the scheduler frees pages for c - in-flight tokens while the workers compact for "
+        "c, so the two sides would disagree on a request's physical length")
+
+
+def _refuse_kv_connectors() -> UnsupportedSetupError:
+    return _refuse(
+        "KV connectors (--kv-transfer-config: LMCache, NIXL, disaggregated prefill, ...)",
+        "remove --kv-transfer-config",
+        "connectors load and save pages by block id, and compaction rewrites those pages")
+
+
 def prepare_engine_args(engine_args: Any, is_cpu: bool) -> None:
     """Before vLLM validates the config (so these messages come before any of vLLM's): the
     features eviction refuses, by the flag that chose them, and the choices it makes."""
     if engine_args.async_scheduling:
-        raise _refuse(
-            "async scheduling (--async-scheduling)", "remove --async-scheduling",
-            "the scheduler frees pages for c - in-flight tokens while the workers compact for "
-            "c, so the two sides would disagree on a request's physical length")
+        raise _refuse_async_scheduling()
     if engine_args.pipeline_parallel_size > 1:
         raise _refuse(
             f"pipeline parallelism (--pipeline-parallel-size {engine_args.pipeline_parallel_size})",
@@ -61,10 +73,7 @@ def prepare_engine_args(engine_args: Any, is_cpu: bool) -> None:
         raise _refuse("KV offloading (--kv-offloading-size)", "remove --kv-offloading-size",
                       "offloaded pages would be restored after compaction rewrote them")
     if engine_args.kv_transfer_config is not None:
-        raise _refuse(
-            "KV connectors (--kv-transfer-config: LMCache, NIXL, disaggregated prefill, ...)",
-            "remove --kv-transfer-config",
-            "connectors load and save pages by block id, and compaction rewrites those pages")
+        raise _refuse_kv_connectors()
     if getattr(engine_args, "kv_sharing_fast_prefill", False):
         raise _refuse("--kv-sharing-fast-prefill", "remove --kv-sharing-fast-prefill",
                       "it skips the prefill of layers whose cache another layer owns")
@@ -88,12 +97,9 @@ def check_engine_config(vllm_config: Any) -> None:
     """After vLLM resolved the config: what other paths (config files, defaults) may have
     turned on after prepare_engine_args looked."""
     if vllm_config.scheduler_config.async_scheduling:
-        raise _refuse("async scheduling (--async-scheduling)", "remove --async-scheduling",
-                      "the scheduler and workers would disagree on a request's physical length")
+        raise _refuse_async_scheduling()
     if vllm_config.kv_transfer_config is not None:
-        raise _refuse("KV connectors or offloading (--kv-transfer-config, "
-                      "--kv-offloading-size)", "remove them",
-                      "connectors load and save pages by block id, and compaction rewrites them")
+        raise _refuse_kv_connectors()
 
 
 def check_kv_cache_groups(spec_names: Sequence[str], evictable: Sequence[bool]) -> None:
