@@ -12,11 +12,14 @@ import torch.nn.functional as F
 from tests.conftest import run_engine_job
 from vllm_evict.core.dump import read_dump, records_for
 from vllm_evict.core.oracle import compare, load_reference_model, reference_logprobs
+from vllm_evict.core.policies import get_policy_class
 
 pytestmark = pytest.mark.engine
 
 SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16}
-POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "random"]
+POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "random",
+            "expected_attention"]
+SHARED = {p for p in POLICIES if get_policy_class(p)().heads == "shared"}
 UNIFORM = [p for p in POLICIES if p != "pyramidkv"]  # same visible count in every layer
 PROMPT = [random.Random(21).randrange(10, 4000) for _ in range(300)]
 STEPS = 120
@@ -45,11 +48,23 @@ def hf(tiny_model):
 
 @pytest.fixture(scope="module")
 def captures(runs, hf):
-    """Per policy: HF's keys and attention probabilities under that policy's kept sets."""
+    """Per policy: HF's keys, values, attention probabilities and queries before RoPE (the
+    output of q_proj) under that policy's kept sets."""
     out = {}
     for policy, (result, records) in runs.items():
         capture: dict = {}
-        reference_logprobs(hf, PROMPT, result["token_ids"], records, capture)
+        prerope: dict[int, torch.Tensor] = {}
+        hooks = [layer.self_attn.q_proj.register_forward_hook(
+            lambda _m, _a, q, i=i, into=prerope: into.__setitem__(i, q[0].detach()))
+            for i, layer in enumerate(hf.model.layers)]
+        try:
+            reference_logprobs(hf, PROMPT, result["token_ids"], records, capture)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for i, queries in prerope.items():
+            capture[i]["prerope"] = queries.view(queries.shape[0], -1, hf.config.head_dim)
+        capture["rotary"] = hf.model.rotary_emb
         out[policy] = capture
     return out
 
@@ -91,11 +106,37 @@ def _expected_scores(policy: str, layer: dict, positions: torch.Tensor, computed
         return 1 - F.cosine_similarity(keys, mean, dim=-1)
     if policy == "knorm":
         return -keys.norm(dim=-1)
+    if policy == "expected_attention":  # kvpress's ExpectedAttentionPress, written out
+        return _expected_attention_scores(layer, positions, computed, kv_heads)
     if policy == "random":
         g = torch.Generator().manual_seed(computed)
         return torch.rand((len(layer["all_layers"]), kv_heads, positions.shape[1]), generator=g)[
             layer["index"]].double()
     raise AssertionError(policy)
+
+
+def _expected_attention_scores(layer: dict, positions: torch.Tensor, computed: int,
+                               kv_heads: int) -> torch.Tensor:
+    queries = layer["prerope"][4:computed].double()  # [n, q_heads, D]: all but the 4 first
+    dim = queries.shape[-1]
+    mean = queries.mean(0)
+    centred = queries - mean
+    cov = torch.einsum("nhi,nhj->hij", centred, centred) / queries.shape[0]
+    cos, sin = layer["rotary"](queries.float(), torch.arange(computed, computed + 512)[None])
+    half = dim // 2
+    swap = torch.zeros(dim, dim, dtype=torch.float64)  # rotate_half as a matrix
+    swap[half:, :half], swap[:half, half:] = torch.eye(half), -torch.eye(half)
+    rot = cos[0].double().mean(0).diag() + sin[0].double().mean(0)[:, None] * swap
+    mean, cov = mean @ rot.T, rot @ cov @ rot.T
+    heads = torch.arange(kv_heads)[:, None]
+    keys = layer["keys"].double()[heads, positions]  # [kv_heads, n, D]
+    group = mean.shape[0] // kv_heads
+    keys = keys.repeat_interleave(group, 0)
+    logits = keys @ mean[:, :, None] / dim ** 0.5
+    logits = logits[..., 0] + torch.einsum("hpi,hij,hpj->hp", keys, cov, keys) / (2 * dim)
+    logits[positions.repeat_interleave(group, 0) < SERVER["sink_tokens"]] = float("-inf")
+    probs = logits.softmax(-1).view(kv_heads, group, -1).mean(1)
+    return probs * layer["values"].double()[heads, positions].norm(dim=-1)
 
 
 def _kept_sets_follow(scores_policy: str, records: list[dict], capture: dict) -> bool:
@@ -105,11 +146,14 @@ def _kept_sets_follow(scores_policy: str, records: list[dict], capture: dict) ->
     for rec in sorted(records, key=lambda r: r["logical_len"]):
         computed = rec["logical_len"]
         for li, kept_layer in enumerate(rec["kept"]):
-            layer = {**capture[li], "index": li, "all_layers": rec["kept"]}
+            layer = {**capture[li], "index": li, "all_layers": rec["kept"],
+                     "rotary": capture["rotary"]}
             kv_heads = len(kept_layer)
             new = list(range(previous_len, computed))
             cands = torch.tensor([(previous[li][h] if previous else []) + new for h in range(kv_heads)])
             scores = _expected_scores(scores_policy, layer, cands, computed, kv_heads)
+            if scores_policy in SHARED:  # one set per layer, by the mean over its KV heads
+                scores = scores.mean(0, keepdim=True).expand_as(scores)
             for h in range(kv_heads):
                 kept = set(kept_layer[h])
                 protected = (cands[h] < cfg["sink_tokens"]) | (cands[h] >= computed - cfg["window"])
@@ -143,7 +187,8 @@ def test_pyramidkv_layers_see_shrinking_budgets_of_the_best_snapkv_tokens(runs, 
 
 
 @pytest.mark.parametrize("policy, judged_as", [("h2o", "tova"), ("tova", "h2o"),
-                                               ("snapkv", "h2o"), ("keydiff", "knorm")])
+                                               ("snapkv", "h2o"), ("keydiff", "knorm"),
+                                               ("expected_attention", "keydiff")])
 def test_the_score_check_fails_for_the_wrong_statistic(runs, captures, policy, judged_as):
     """Negative control: the same kept sets judged by another policy's scores must fail."""
     assert not _kept_sets_follow(judged_as, runs[policy][1], captures[policy])

@@ -94,10 +94,16 @@ def messages_for(sample: dict[str, Any], prefill: bool) -> tuple[list[dict], dic
     return msgs, {}
 
 
+def labelled(policy: str, label: str | None) -> str:
+    """The policy's name in the results: "tova:shared" for a run with --label shared (its
+    --policy-args), so variants of one policy sit side by side; the full cache has no label."""
+    return policy if label is None or policy == FULL_CACHE else f"{policy}:{label}"
+
+
 async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[dict, str, Any]],
                         writer: ResultsWriter, concurrency: int, max_tokens: int,
                         prefill: bool, timeout: float, server: VllmServer | None,
-                        ) -> dict[str, Any]:
+                        label: str | None = None) -> dict[str, Any]:
     import openai
     from tqdm.auto import tqdm
 
@@ -133,7 +139,7 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
         row = {
             "model": model_tag, "id": sample["id"], "task": sample["task"],
             "ruler_task": sample["ruler_task"], "context_len": sample["context_len"],
-            "seed": sample["seed"], "policy": policy, "budget": budget,
+            "seed": sample["seed"], "policy": labelled(policy, label), "budget": budget,
             "score": score(output, sample["answers"]), "answers": sample["answers"],
             "output": output, "prompt_tokens": res.usage.prompt_tokens,
             "completion_tokens": res.usage.completion_tokens,
@@ -177,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               file=sys.stderr)
     # Sample-major order: a partial run covers every condition for the first samples.
     todo = [(s, p, b) for s in samples for p, b in grid
-            if (tag, s["id"], p, b) not in done]
+            if (tag, s["id"], labelled(p, args.label), b) not in done]
     print(f"[quality] {len(samples)} samples x {len(grid)} conditions = "
           f"{len(samples) * len(grid)} rows; {len(samples) * len(grid) - len(todo)} already in "
           f"{results}; {len(todo)} to run (samples ready in {gen_s:.1f} s)", flush=True)
@@ -201,6 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_len = _max_model_len(args.model, args.max_model_len)
             server_args = [*SERVER_ARGS, "--max-model-len", str(max_len), "--seed", "0",
                            *args.server_arg]
+            if args.policy_args:
+                server_args += ["--kv-policy-args", args.policy_args]
             print(f"[quality] starting: vllm serve {args.model} {' '.join(server_args)} "
                   f"(log {log_path})", flush=True)
             server = start_server(args.model, server_args, log_path)
@@ -213,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = asyncio.run(_run_requests(
             url, model, tag, todo, writer, args.concurrency, args.max_tokens,
-            not args.no_prefill, args.request_timeout, server))
+            not args.no_prefill, args.request_timeout, server, args.label))
     finally:
         writer.close()
         if t0 is not None:
@@ -285,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eviction policies the server offers (`vllm serve --help`)")
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512, 1024],
                    help="kv_budget values (KV entries kept per layer and KV head)")
+    p.add_argument("--policy-args", help="the server's --kv-policy-args JSON, e.g. "
+                   '\'{"tova": {"heads": "shared"}}\'; use with --label')
+    p.add_argument("--label", help="suffix for the policy names in the results (policy:LABEL), "
+                                   "naming this run's --policy-args")
     p.add_argument("--no-full-cache", action="store_true",
                    help='skip the full-cache baseline (kv_eviction "none")')
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="results JSONL (appended)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_evict.core.rope import RopeTable
 from vllm_evict.kernels.paged import cdiv, gather_paged, paged_index
 from vllm_evict.kernels.scoring import attention_probs_reference, window_scores_reference
 
@@ -22,6 +23,43 @@ class Observe(enum.Enum):
     ACCUMULATE = "add every query's attention (h2o; snapkv after prefill)"
     LATEST = "overwrite with the latest query's attention (tova)"
     WINDOW = "sum the attention of the prompt's last queries, pooled at the prompt's end (snapkv)"
+    QUERY_MOMENTS = "add the queries, before RoPE, to their running mean and covariance"
+
+
+@dataclass
+class QueryMoments:
+    """Running sums of one request's queries before RoPE, per layer and query head, from which
+    expected attention takes their mean and covariance. float64: the covariance is
+    E[q q^T] - mean mean^T, and queries have large means."""
+
+    total: torch.Tensor | None = None
+    """[layers, q_heads, head_dim]"""
+    outer: torch.Tensor | None = None
+    """[layers, q_heads, head_dim, head_dim]"""
+    count: torch.Tensor | None = None
+    """[layers] queries added per layer"""
+
+    def add(self, layer: int, num_layers: int, queries: torch.Tensor) -> None:
+        """queries: [n, q_heads, head_dim], already un-rotated."""
+        if self.total is None:
+            _, heads, dim = queries.shape
+            kw = {"dtype": torch.float64, "device": queries.device}
+            self.total = torch.zeros(num_layers, heads, dim, **kw)
+            self.outer = torch.zeros(num_layers, heads, dim, dim, **kw)
+            self.count = torch.zeros(num_layers, **kw)
+        q = queries.double()
+        self.total[layer] += q.sum(0)
+        self.outer[layer] += torch.einsum("nhi,nhj->hij", q, q)
+        self.count[layer] += q.shape[0]
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 [layers, q_heads, D] and [layers, q_heads, D, D] (population covariance)."""
+        if self.total is None or bool((self.count == 0).any()):
+            raise ValueError("no queries were observed")
+        n = self.count[:, None, None]
+        mean = self.total / n
+        cov = self.outer / n[..., None] - mean[..., :, None] * mean[..., None, :]
+        return mean.float(), cov.float()
 
 
 @dataclass
@@ -36,6 +74,14 @@ class Observation:
     window_ends: bool = False
     """WINDOW: the prompt ends in this step (the summed scores are max-pooled)."""
     pool_kernel: int = 1
+    window_weight: float = 1.0
+    """ACCUMULATE: queries window_from .. window_until - 1 of this step count this many times
+    (h2o's late_queries)."""
+    window_until: int | None = None
+    first_position: int = 0
+    """QUERY_MOMENTS: logical position of this step's first query of the request (RoPE)."""
+    moments: QueryMoments | None = None
+    """QUERY_MOMENTS: where the request's queries are added, from window_from on."""
     visible: list[torch.Tensor] | None = None
     """Per layer [kv_heads, n] bool: which held entries (physical 0 .. n - 1) attention may see
     (pyramidkv's per-layer budgets; None: all). The layer's output is recomputed with the
@@ -48,6 +94,8 @@ class StepPlan:
     score_buffers: list[torch.Tensor]
     layer_of_cache: dict[int, int]
     """data_ptr of a layer's KV cache -> its index in score_buffers."""
+    rope: RopeTable | None = None
+    """The model's rotary table, for QUERY_MOMENTS."""
     derived: dict = field(default_factory=dict)
     """What a backend derives from the plan once per step and reuses in every layer (the GPU
     backend's kernel launches)."""
@@ -86,6 +134,9 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
     starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
     for ob in plan.observations:
         first, last, seq = starts[ob.row], starts[ob.row + 1], lengths[ob.row]
+        if ob.kind is Observe.QUERY_MOMENTS:
+            add_query_moments(plan, ob, layer, query[first:last])
+            continue
         pages = block_table[ob.row, : cdiv(seq, page_size)].long()
 
         hidden = None
@@ -110,6 +161,11 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
                 out = torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(hi - lo, -1, dim)
                 output[first + lo:first + hi] = out.to(output.dtype)
             weights += probs[max(0, observed - lo):].sum(dim=(0, 2))
+            if ob.window_weight != 1.0:
+                a = max(ob.window_from, lo) - lo
+                b = min(n if ob.window_until is None else ob.window_until, hi) - lo
+                if b > a:
+                    weights += (ob.window_weight - 1.0) * probs[a:b].sum(dim=(0, 2))
         slots = page_slots(block_table[ob.row], seq, page_size)
         if ob.kind is Observe.LATEST:
             scores[slots] = weights.T
@@ -119,3 +175,13 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
         scores[slots] += weights.T
         if ob.kind is Observe.WINDOW and ob.window_ends:
             scores[slots] = window_scores_reference(scores[slots].T[None], ob.pool_kernel).T
+
+
+def add_query_moments(plan: StepPlan, ob: Observation, layer: int, query: torch.Tensor) -> None:
+    """Add the request's queries (this step's, from window_from on), un-rotated, to its moments."""
+    query = query[ob.window_from:]
+    if plan.rope is None or ob.moments is None or query.shape[0] == 0:
+        return  # nothing measured: the compaction's policy fails and falls back (logged)
+    positions = torch.arange(ob.first_position + ob.window_from,
+                             ob.first_position + ob.window_from + query.shape[0])
+    ob.moments.add(layer, len(plan.score_buffers), plan.rope.unrotate(query, positions))

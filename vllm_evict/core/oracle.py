@@ -71,14 +71,16 @@ def masked_eager_attention(module, query, key, value, attention_mask, scaling=No
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     if _active is not None and _active["capture"] is not None:
         capture = _active["capture"]
-        capture[module.layer_idx] = {"keys": key[0, ::groups].detach(), "probs": probs[0].detach()}
+        capture[module.layer_idx] = {"keys": key[0, ::groups].detach(), "probs": probs[0].detach(),
+                                     "values": value[0, ::groups].detach()}
     return out, probs
 
 
 @contextlib.contextmanager
 def _per_layer_masks(masks: torch.Tensor, capture: dict | None = None):
     """Make masked_eager_attention use masks[layer_idx] ([heads, T, T] additive). With
-    `capture`, record each layer's keys [kv_heads, T, D] and probabilities [q_heads, T, T]."""
+    `capture`, record each layer's keys and values [kv_heads, T, D] and probabilities
+    [q_heads, T, T]."""
     global _active
     _active = {"masks": masks, "capture": capture}
     try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.observation import QueryMoments
 from vllm_evict.core.policies import Policy
 
 logger = logging.getLogger("vllm.evict")
@@ -30,6 +31,8 @@ class RequestEvictionState:
     """The policy raised or returned a malformed selection once (logged once per request)."""
     may_evict: bool = True
     """False when prompt + max_tokens never passes the cap: no statistics are measured."""
+    query_moments: QueryMoments = field(default_factory=QueryMoments)
+    """Running query statistics (expected attention); empty for other policies."""
 
     def __post_init__(self) -> None:
         try:
@@ -47,6 +50,7 @@ class RequestEvictionState:
         self.kept_positions = None
         self.positions_known_until = 0
         self.visible = None
+        self.query_moments = QueryMoments()
 
     def visible_positions(self) -> list[list[list[int]]]:
         """[layer][kv_head] logical positions attention sees, as of the last compaction."""

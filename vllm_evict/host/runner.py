@@ -21,6 +21,7 @@ from vllm_evict.core import observation as stats
 from vllm_evict.core.config import EvictionConfig
 from vllm_evict.core.dump import KeptPositionsDump
 from vllm_evict.core.policies import SelectionInput, Statistic, check_selection, fallback_selection
+from vllm_evict.core.rope import RopeTable
 from vllm_evict.core.state import RequestEvictionState
 from vllm_evict.host.metrics import metrics
 from vllm_evict.kernels.compaction import compact_request_reference
@@ -162,11 +163,25 @@ class EvictionRunnerMixin:
                 observation = None
             if observation is not None:
                 observation.visible = state.visible
+                observation.moments = state.query_moments
                 observations.append(observation)
         if not observations:
             return None
         self._kv_views()
-        return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache)
+        return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache,
+                              rope=self._rope_table())
+
+    def _rope_table(self) -> RopeTable | None:
+        """The model's rotary table (vLLM's RotaryEmbedding.cos_sin_cache, float32), for the
+        query statistics of expected attention; None for a model without one."""
+        if not hasattr(self, "_eviction_rope"):
+            self._eviction_rope = None
+            rotary = next((m for m in self.model.modules() if hasattr(m, "cos_sin_cache")
+                           and hasattr(m, "is_neox_style")), None)
+            if rotary is not None:
+                self._eviction_rope = RopeTable(rotary.cos_sin_cache.float().clone(),
+                                                neox=bool(rotary.is_neox_style))
+        return self._eviction_rope
 
     def _compact_scheduled(self, scheduler_output) -> None:
         cached = scheduler_output.scheduled_cached_reqs
@@ -222,13 +237,17 @@ class EvictionRunnerMixin:
                                 device=key0.device)
         slots = stats.page_slots(page_ids, held, page_size)
         statistic = state.policy.statistic
-        scores = keys = None
-        if statistic is Statistic.KEYS:
+        scores = keys = values = None
+        if statistic in (Statistic.KEYS, Statistic.QUERY_MOMENTS):
             keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views]).cpu()
-        elif statistic is not Statistic.NONE:
+        if statistic is Statistic.QUERY_MOMENTS:
+            values = torch.stack([gather_paged(v, page_ids, held) for _, v in views]).cpu()
+        elif statistic not in (Statistic.NONE, Statistic.KEYS):
             scores = torch.stack([buf.view(-1, num_heads)[slots].T for buf in self._score_buffers]).cpu()
         inp = SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
-                             target_length=target, config=state.config, scores=scores, keys=keys)
+                             target_length=target, config=state.config, scores=scores, keys=keys,
+                             values=values, query_moments=state.query_moments,
+                             rope=self._rope_table())
         keep, visible = self._select(state, inp)
         keep_dev = keep.to(key0.device)
         if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)

@@ -2,8 +2,10 @@
 
 A policy is a small dataclass with a `score()` method, one per file. Higher scores are kept.
 Selection is the same for every policy: the sink tokens and the recent window are always kept,
-then the highest scores fill the budget, per (layer, KV head), with the same count in every
-head, and the kept tokens stay in logical order.
+then the highest scores fill the budget, with the same count in every (layer, KV head), and the
+kept tokens stay in logical order. `heads` says whether each KV head chooses its own tokens or
+all KV heads of a layer keep one set, chosen by their mean score; either way the memory layout
+is the same.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from vllm_evict.core.observation import Observation, Observe
+from vllm_evict.core.observation import Observation, Observe, QueryMoments
+from vllm_evict.core.rope import RopeTable
 
 if TYPE_CHECKING:  # the config imports the registry, which imports this module
     from vllm_evict.core.config import EvictionConfig
@@ -28,6 +31,8 @@ class Statistic(enum.Enum):
     LATEST_QUERY_ATTENTION = "latest_query_attention"
     ACCUMULATED_ATTENTION = "accumulated_attention"
     PREFILL_WINDOW_ATTENTION = "prefill_window_attention"
+    QUERY_MOMENTS = "query_moments"
+    """Mean and covariance of the queries before RoPE, plus the held keys and values."""
 
 
 @dataclass
@@ -36,7 +41,9 @@ class SelectionInput:
 
     positions: [layers, kv_heads, P] logical position of every held entry (physical order).
     scores: [layers, kv_heads, P] float32 attention statistic, for policies that measure one.
-    keys: [layers, kv_heads, P, head_dim] held keys, for Statistic.KEYS policies.
+    keys: [layers, kv_heads, P, head_dim] held keys, for Statistic.KEYS and QUERY_MOMENTS.
+    values, query_moments, rope: held values, the request's query statistics and the model's
+        rotary table, for Statistic.QUERY_MOMENTS.
     """
 
     request_id: str
@@ -46,6 +53,15 @@ class SelectionInput:
     config: EvictionConfig
     scores: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    query_moments: QueryMoments | None = None
+    rope: RopeTable | None = None
+
+
+HEAD_MODES = ("per_head", "shared")
+"""per_head: each (layer, KV head) keeps its own top scores. shared: every KV head of a layer
+keeps the same tokens, ranked by the score averaged over the layer's KV heads (kvpress's
+convention for its attention presses), so a multi-token value is kept whole or not at all."""
 
 
 @dataclass
@@ -53,6 +69,12 @@ class Policy:
     name: ClassVar[str]
     summary: ClassVar[str]
     statistic: ClassVar[Statistic] = Statistic.NONE
+    heads: str = "per_head"
+    """One of HEAD_MODES; each policy's default is the measured better one (docs/quality.md)."""
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"heads must be one of {', '.join(HEAD_MODES)}; got {self.heads!r}")
 
     def observation(self, row: int, num_computed_tokens: int, num_scheduled_tokens: int,
                     num_prompt_tokens: int) -> Observation | None:
@@ -63,7 +85,7 @@ class Policy:
             return Observation(row, Observe.ACCUMULATE)
         if self.statistic is Statistic.LATEST_QUERY_ATTENTION:
             return Observation(row, Observe.LATEST)
-        return None  # NONE and KEYS need nothing on the attention path
+        return None  # NONE and KEYS need nothing on the attention path; QUERY_MOMENTS overrides
 
     def score(self, inp: SelectionInput) -> torch.Tensor:
         """[layers, kv_heads, P] scores; higher is kept. By default the measured statistic."""
@@ -81,9 +103,22 @@ class Policy:
         scores[protected] = float("inf")
         return scores
 
+    def selection_scores(self, inp: SelectionInput) -> torch.Tensor:
+        """ranked_scores(), averaged over each layer's KV heads when heads == "shared" (then
+        every row of a layer is the same; the held positions are too, since every compaction
+        of the request kept one set per layer)."""
+        scores = self.ranked_scores(inp)
+        if self.heads == "shared":
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        return scores
+
     def select(self, inp: SelectionInput) -> torch.Tensor:
         """[layers, kv_heads, target] physical indices to keep, ascending in every row."""
-        kept = torch.topk(self.ranked_scores(inp), inp.target_length, dim=-1, sorted=False).indices
+        scores = self.selection_scores(inp)
+        if self.heads == "shared":  # one top-k per layer, repeated for every KV head
+            kept = torch.topk(scores[:, :1], inp.target_length, dim=-1, sorted=False).indices
+            return kept.sort(dim=-1).values.expand(-1, scores.shape[1], -1).contiguous()
+        kept = torch.topk(scores, inp.target_length, dim=-1, sorted=False).indices
         return kept.sort(dim=-1).values
 
     def visible(self, inp: SelectionInput, keep: torch.Tensor) -> torch.Tensor | None:

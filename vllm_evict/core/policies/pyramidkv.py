@@ -33,7 +33,7 @@ class PyramidKVPolicy(SnapKVPolicy):
         return [round(high - i * step) for i in range(num_layers)]
 
     def visible(self, inp: SelectionInput, keep: torch.Tensor) -> torch.Tensor:
-        scores = self.ranked_scores(inp).gather(-1, keep)  # [layers, heads, target]
+        scores = self.selection_scores(inp).gather(-1, keep)  # [layers, heads, target]
         shown = torch.zeros_like(keep, dtype=torch.bool)
         for layer, budget in enumerate(self.layer_budgets(inp, keep.shape[0])):
             best = torch.topk(scores[layer], min(budget, keep.shape[-1]), dim=-1).indices

@@ -29,6 +29,7 @@ _BUILTIN: dict[str, str] = {
     "keydiff": "vllm_evict.core.policies.keydiff:KeyDiffPolicy",
     "knorm": "vllm_evict.core.policies.knorm:KnormPolicy",
     "random": "vllm_evict.core.policies.random:RandomPolicy",
+    "expected_attention": "vllm_evict.core.policies.expected_attention:ExpectedAttentionPolicy",
 }
 _registry: dict[str, str | type[Policy]] = dict(_BUILTIN)
 _entry_points_loaded = False

@@ -15,8 +15,7 @@ per step (on the first layer) and reused by every layer:
                       the window's queries in this chunk; overwrite when the window starts in
                       it, accumulate otherwise; max-pooled in the chunk where the prompt ends.
 A launch whose requests each bring one query (decode) uses the decode kernel, others the
-window kernel. Observations with hidden entries (pyramidkv's per-layer budgets) need the
-layer's output recomputed with a mask; they take the torch path of stats.py.
+window kernel. The rest (needs_torch_path) take the torch path of core/observation.py.
 """
 
 from __future__ import annotations
@@ -78,6 +77,14 @@ def plan_launches(observations: list[stats.Observation], query_start_loc: torch.
     return launches
 
 
+def needs_torch_path(ob: stats.Observation) -> bool:
+    """Hidden entries (the output is recomputed with a mask), query moments (expected
+    attention: a batched matmul, no attention weights) and weighted queries (h2o's
+    late_queries) take the torch path of core/observation.py."""
+    return (ob.visible is not None or ob.kind is stats.Observe.QUERY_MOMENTS
+            or ob.window_weight != 1.0)
+
+
 def observe_layer(plan: stats.StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor,
                   value_view: torch.Tensor, query: torch.Tensor, output: torch.Tensor,
                   query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -90,9 +97,10 @@ def observe_layer(plan: stats.StepPlan, kv_cache: torch.Tensor, key_view: torch.
     if layer is None:
         return
     if "launches" not in plan.derived:
-        masked = [ob for ob in plan.observations if ob.visible is not None]
-        plain = [ob for ob in plan.observations if ob.visible is None]
-        plan.derived["masked"] = stats.StepPlan(masked, plan.score_buffers, plan.layer_of_cache)
+        masked = [ob for ob in plan.observations if needs_torch_path(ob)]
+        plain = [ob for ob in plan.observations if not needs_torch_path(ob)]
+        plan.derived["masked"] = stats.StepPlan(masked, plan.score_buffers, plan.layer_of_cache,
+                                                rope=plan.rope)
         plan.derived["launches"] = plan_launches(plain, query_start_loc, seq_lens) if plain else []
     masked: stats.StepPlan = plan.derived["masked"]
     if masked.observations:

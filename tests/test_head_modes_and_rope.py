@@ -1,0 +1,96 @@
+"""Head aggregation, h2o's accumulation rule, and the RoPE and query statistics behind expected
+attention, each against an independent computation (vLLM's own rotary op for RoPE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.observation import QueryMoments
+from vllm_evict.core.policies import SelectionInput, get_policy_class
+from vllm_evict.core.rope import RopeTable
+
+CFG = EvictionConfig(policy="h2o", budget=20, sink_tokens=2, window=4, slack=0)
+
+
+def _input(scores: torch.Tensor, computed: int | None = None) -> SelectionInput:
+    layers, heads, held = scores.shape
+    positions = torch.arange(held).expand(layers, heads, -1).clone()
+    return SelectionInput("r", positions, computed or held, 20, CFG, scores=scores)
+
+
+def test_shared_heads_keep_one_set_per_layer_by_the_mean_score():
+    scores = torch.rand(3, 4, 60, generator=torch.Generator().manual_seed(0))
+    shared = get_policy_class("h2o")(heads="shared").select(_input(scores))
+    per_head = get_policy_class("h2o")(heads="per_head").select(_input(scores))
+    assert (shared == shared[:, :1]).all() and not (per_head == per_head[:, :1]).all()
+    mean = scores.mean(1)  # independent: the protected tokens, then the top mean scores
+    for layer in range(3):
+        free = mean[layer, 2:56]
+        expected = sorted([0, 1, *range(56, 60), *(free.topk(14).indices + 2).tolist()])
+        assert shared[layer, 0].tolist() == expected
+
+
+def test_heads_must_be_a_known_mode():
+    with pytest.raises(ValueError, match="heads must be one of per_head, shared"):
+        EvictionConfig(policy="h2o", policy_args={"tova": {"heads": "group"}})
+
+
+def test_h2o_mean_divides_by_the_queries_that_saw_each_key():
+    scores = torch.ones(1, 1, 50)  # every key got the same total: the mean favours the newest
+    inp = _input(scores, computed=50)
+    mean = get_policy_class("h2o")(accumulation="mean").score(inp)
+    assert torch.allclose(mean[0, 0], 1 / (50 - torch.arange(50.0)))
+    assert torch.equal(get_policy_class("h2o")().score(inp), scores)  # the H2O paper's sum
+    with pytest.raises(ValueError, match="accumulation"):
+        get_policy_class("h2o")(accumulation="max")
+
+
+def _vllm_rope(head_dim=64, rotary_dim=64, max_pos=4096):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):
+        return get_rope(head_dim, max_position=max_pos, is_neox_style=True,
+                        rope_parameters={"rope_theta": 10000.0, "rope_type": "default",
+                                         "partial_rotary_factor": rotary_dim / head_dim})
+
+
+def test_unrotate_inverts_vllms_rotary_op():
+    rope = _vllm_rope()
+    table = RopeTable(rope.cos_sin_cache.float(), neox=rope.is_neox_style)
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(7, 3 * 64, generator=g)
+    positions = torch.tensor([0, 1, 5, 100, 1000, 2047, 4094])
+    rotated, _ = rope.forward_native(positions, query.clone(), torch.zeros(7, 64))
+    back = table.unrotate(rotated.view(7, 3, 64), positions)
+    assert torch.allclose(back, query.view(7, 3, 64), atol=1e-4)
+    wrong = table.unrotate(rotated.view(7, 3, 64), positions + 1)  # must fail the check
+    assert not torch.allclose(wrong, query.view(7, 3, 64), atol=1e-2)
+
+
+def test_mean_rotation_is_the_average_of_vllms_rotations():
+    rope = _vllm_rope()
+    table = RopeTable(rope.cos_sin_cache.float())
+    q = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(300, 300 + 128)
+    rotated, _ = rope.forward_native(positions, q.expand(128, 64).clone(), torch.zeros(128, 64))
+    assert torch.allclose(table.mean_rotation(300, 128, 64) @ q, rotated.mean(0), atol=1e-4)
+    # past the table, the window shifts back to the table's end instead of failing
+    assert torch.equal(table.mean_rotation(4000, 512, 64), table.mean_rotation(3584, 512, 64))
+
+
+def test_query_moments_are_the_mean_and_population_covariance():
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(40, 2, 8, generator=g) * 3 + 5  # large means, as real queries have
+    moments = QueryMoments()
+    for chunk in queries.split([13, 1, 26]):  # chunked prefill, then one decode query, ...
+        moments.add(0, 1, chunk)
+    mean, cov = moments.mean_and_covariance()
+    for head in range(2):
+        x = queries[:, head].double()
+        assert torch.allclose(mean[0, head].double(), x.mean(0), atol=1e-5)
+        assert torch.allclose(cov[0, head].double(), torch.cov(x.T, correction=0), atol=1e-4)
+    with pytest.raises(ValueError, match="no queries"):
+        QueryMoments().mean_and_covariance()
