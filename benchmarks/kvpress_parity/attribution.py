@@ -89,8 +89,17 @@ def topk_sets(scores, counts: list[int]) -> list[list[list[int]]]:
             for layer, n in enumerate(counts)]
 
 
-def ours_on_hf(policy: str, probe: dict, budget: int) -> list[list[list[int]]]:
-    """Our policy (its real code and scoring references) run on HF's keys and attention."""
+NO_REPLICA = {"h2o", "expected_attention"}
+"""Policies whose scores need more than the probe records (every query's attention; the queries
+before RoPE): no rebuild of kvpress's scoring and no run of ours on HF's tensors."""
+
+
+def ours_on_hf(policy: str, probe: dict, budget: int, args: dict | None = None
+               ) -> list[list[list[int]]] | None:
+    """Our policy (its real code and scoring references, with `args`) run on HF's keys and
+    attention; None for the NO_REPLICA policies."""
+    if policy in NO_REPLICA:
+        return None
     import torch
 
     from vllm_evict.core.config import EvictionConfig
@@ -111,7 +120,7 @@ def ours_on_hf(policy: str, probe: dict, budget: int) -> list[list[list[int]]]:
     positions = torch.arange(length).expand(layers, kv, length).clone()
     inp = SelectionInput(request_id="hf", positions=positions, num_computed_tokens=length,
                          target_length=budget, config=cfg, scores=scores, keys=keys)
-    policy_obj = get_policy_class(policy)()
+    policy_obj = get_policy_class(policy)(**(args or {}))
     keep = policy_obj.select(inp)
     kept = positions.gather(-1, keep)
     visible = policy_obj.visible(inp, keep)
@@ -180,11 +189,13 @@ def compare_case(case: dict, kvp_layers: list[dict], ours: list, probe: dict) ->
     kvp_counts = [entry["n_kept"] for entry in kvp_layers]
     budget = case["budget"]
     ours_counts = [len(layer[0]) for layer in ours]
-    hf_ours = ours_on_hf(policy, probe, budget)
-    replica = topk_sets(kvpress_replica_scores(policy, probe, ratio), kvp_counts)
+    hf_ours = ours_on_hf(policy, probe, budget, case["args"])
+    replica = (None if policy in NO_REPLICA else
+               topk_sets(kvpress_replica_scores(policy, probe, ratio), kvp_counts))
     grid = jaccard(ours, kvp)
     result = {
-        "policy": policy, "ratio": ratio, "prompt": case["prompt"], "prompt_tokens": case["length"],
+        "policy": policy, "args": case["args"], "ratio": ratio, "prompt": case["prompt"],
+        "prompt_tokens": case["length"],
         "press": case["press"], "our_config": {"budget": budget, "sink_tokens": PROTECT[policy][0],
                                                "window": PROTECT[policy][1], "slack": 0},
         "kvpress_kept_per_layer": kvp_counts, "ours_kept_per_layer": ours_counts,
@@ -200,10 +211,10 @@ def compare_case(case: dict, kvp_layers: list[dict], ours: list, probe: dict) ->
         "worst_head_per_layer_mean": sum(min(row) for row in grid) / len(grid),
         "jaccard_upper_bound_per_layer": [min(a, b) / max(a, b)
                                           for a, b in zip(kvp_counts, ours_counts, strict=True)],
-        "checks": {
-            "kvpress_vs_kvpress_replica": summary(jaccard(kvp, replica)),
-            "ours_vllm_vs_ours_on_hf": summary(jaccard(ours, hf_ours)),
-            "kvpress_vs_ours_on_hf": summary(jaccard(kvp, hf_ours)),
+        "checks": {  # None: not available for this policy (NO_REPLICA)
+            "kvpress_vs_kvpress_replica": replica and summary(jaccard(kvp, replica)),
+            "ours_vllm_vs_ours_on_hf": hf_ours and summary(jaccard(ours, hf_ours)),
+            "kvpress_vs_ours_on_hf": hf_ours and summary(jaccard(kvp, hf_ours)),
         },
         "variants": {},
     }
@@ -221,7 +232,7 @@ def compare_case(case: dict, kvp_layers: list[dict], ours: list, probe: dict) ->
         for name, switch in SNAP_STEPS.items():
             variants[name] = topk_sets(kvpress_replica_scores(policy, probe, ratio, **switch),
                                        kvp_counts)
-    if policy == "tova":
+    if policy == "tova" and case["args"].get("heads") != "shared":
         variants[TOVA_VARIANT] = topk_sets(
             kvpress_replica_scores(policy, probe, ratio, head_average="group"), kvp_counts)
     if policy == "keydiff":

@@ -21,6 +21,7 @@ from benchmarks.kvpress_parity import (
     ROOT,
     TORCH_VERSION,
     TRANSFORMERS_SPEC,
+    args_label,
 )
 
 
@@ -102,17 +103,18 @@ def run_ours(cases: list[dict], prompts: dict[str, list[int]], budgets: dict[str
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     longest = max(len(ids) for ids in prompts.values())
-    groups: dict[tuple[int, int], list[dict]] = {}
-    for case in cases:
-        groups.setdefault(PROTECT[case["policy"]], []).append(case)
+    groups: dict[tuple[int, int, str], list[dict]] = {}
+    for case in cases:  # sinks and window are server settings, and so are policy arguments
+        args = json.dumps(case["args"], sort_keys=True)
+        groups.setdefault((*PROTECT[case["policy"]], args), []).append(case)
     kept, timings = {}, {}
-    for (sinks, window), group in groups.items():
-        tag = f"sinks{sinks}-window{window}"
+    for (sinks, window, args), group in groups.items():
+        tag = f"sinks{sinks}-window{window}-{args_label(json.loads(args)).replace(',', '-')}"
         job = work / f"vllm-{tag}"
         dump = job / "dump"
         job.mkdir(parents=True, exist_ok=True)
         server = {"policy": "none", "budget": 2048, "sink_tokens": sinks, "window": window,
-                  "slack": 0}
+                  "slack": 0, "policy_args": {c["policy"]: json.loads(args) for c in group}}
         # One request at a time and one prefill chunk each, so the first compaction happens at
         # logical length == prompt length, right where kvpress compresses.
         engine = {"model": str(MODEL), "dtype": "float32", "enforce_eager": True, "seed": 0,

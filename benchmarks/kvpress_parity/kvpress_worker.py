@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.kvpress_parity import PRESSES, PROTECT, SNAP_KERNEL, SNAP_WINDOW
+from benchmarks.kvpress_parity import EAGER, PRESSES, PROTECT, SNAP_KERNEL, SNAP_WINDOW
 
 
 def kvpress_worker(spec_path: str, out_path: str) -> None:
@@ -32,11 +32,20 @@ def kvpress_worker(spec_path: str, out_path: str) -> None:
                                                  attn_implementation="sdpa").eval()
     load_s = time.perf_counter() - started
     layers = model.model.layers
+    eager: list = []  # an eager-attention copy, loaded for the presses that read attention
 
-    def prefill(ids: list[int]) -> None:
+    def model_for(policy: str):
+        if policy not in EAGER:
+            return model
+        if not eager:
+            eager.append(AutoModelForCausalLM.from_pretrained(
+                spec["model"], dtype=torch.float32, attn_implementation="eager").eval())
+        return eager[0]
+
+    def prefill(ids: list[int], on=None) -> None:
         with torch.no_grad():
-            model.model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(),
-                        use_cache=True)
+            (on or model).model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(),
+                                use_cache=True)
 
     # --- probe: keys, and the attention of the last `window` queries / the last query
     def probe(ids: list[int], window: int) -> dict:
@@ -70,7 +79,7 @@ def kvpress_worker(spec_path: str, out_path: str) -> None:
                 for name in ("keys", "window", "last")}
 
     # --- a press run, recording the kept indices per layer
-    def run_press(press, ids: list[int]) -> list[dict]:
+    def run_press(press, ids: list[int], on) -> list[dict]:
         kept: dict[int, dict] = {}
         original_compress = press.compress  # bound: it calls self.score, which we wrap below
 
@@ -98,11 +107,11 @@ def kvpress_worker(spec_path: str, out_path: str) -> None:
 
         press.compress = compress
         try:
-            with press(model):
-                prefill(ids)
+            with press(on):
+                prefill(ids, on)
         finally:
             del press.compress
-        return [kept[i] for i in range(len(layers))]
+        return [kept[i] for i in range(len(on.model.layers))]
 
     def make_press(policy: str, ratio: float):
         cls = getattr(kvpress, PRESSES[policy])
@@ -123,7 +132,7 @@ def kvpress_worker(spec_path: str, out_path: str) -> None:
     for case in spec["cases"]:
         press = make_press(case["policy"], case["ratio"])
         started = time.perf_counter()
-        layers_kept = run_press(press, spec["prompts"][case["prompt"]])
+        layers_kept = run_press(press, spec["prompts"][case["prompt"]], model_for(case["policy"]))
         out["cases"].append({**case, "press": repr(press), "layers": layers_kept,
                              "seconds": time.perf_counter() - started})
     Path(out_path).write_text(json.dumps(out))

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from benchmarks.common import pyplot, save_figure
-from benchmarks.kvpress_parity import POLICIES, PRESSES, SNAP_WINDOW
+from benchmarks.kvpress_parity import ARGS, POLICIES, PRESSES, SNAP_WINDOW, args_label
 from benchmarks.kvpress_parity.attribution import (
     KEYDIFF_VARIANT,
     PYRAMID_BUDGETS,
@@ -19,7 +19,12 @@ from benchmarks.kvpress_parity.attribution import (
 # ---------------------------------------------------------------------- report
 
 def label(case: dict) -> str:
-    return f"{case['policy']} r={case['ratio']} L={case['prompt_tokens']}"
+    return f"{case_name(case)} r={case['ratio']} L={case['prompt_tokens']}"
+
+
+def case_name(case: dict) -> str:
+    """The policy and its arguments: "tova [shared]"."""
+    return f"{case['policy']} [{args_label(case['args'])}]"
 
 
 STYLE = {"streaming": {"marker": "s", "linestyle": "--", "markersize": 6, "fillstyle": "none"},
@@ -38,7 +43,7 @@ def plot(results: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, (key, rs) in zip(axes[0], panels.items(), strict=True):
         for r in rs:
-            name = r["policy"] if key != ("long",) else f"pyramidkv r={r['ratio']} L={r['prompt_tokens']}"
+            name = case_name(r) if key != ("long",) else f"pyramidkv r={r['ratio']} L={r['prompt_tokens']}"
             style = STYLE.get(r["policy"], {}) if key != ("long",) else {"marker": "."}
             ax.plot(range(len(r["per_layer"])), r["per_layer"], label=name, **style)
             if r["policy"] == "pyramidkv":
@@ -58,15 +63,21 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def fmt(x: float) -> str:
-    return f"{x:.3f}"
+def fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _check(r: dict, name: str, stat: str = "mean") -> float | None:
+    return None if r["checks"][name] is None else r["checks"][name][stat]
 
 
 def summary_lines(results: list[dict]) -> list[str]:
     """The headline, from the numbers."""
-    numerics = min(r["checks"]["ours_vllm_vs_ours_on_hf"]["min"] for r in results)
-    replica = min(r["checks"]["kvpress_vs_kvpress_replica"]["min"] for r in results)
-    same = sorted({r["policy"] for r in results if r["mean"] > 0.995})
+    numerics = min(r["checks"]["ours_vllm_vs_ours_on_hf"]["min"] for r in results
+                   if r["checks"]["ours_vllm_vs_ours_on_hf"])
+    replica = min(r["checks"]["kvpress_vs_kvpress_replica"]["min"] for r in results
+                  if r["checks"]["kvpress_vs_kvpress_replica"])
+    same = sorted({case_name(r) for r in results if r["mean"] > 0.995})
     explained = []
     for r in results:
         if r["variants"]:
@@ -115,12 +126,12 @@ def write_markdown(report: dict, path: Path) -> None:
         kv = r["kvpress_kept_per_layer"]
         kept = (f"{kv[0]} / {r['our_config']['budget']}" if len(set(kv)) == 1 else
                 f"{kv[0]}..{kv[-1]} / {r['our_config']['budget']}")
-        c = r["checks"]
+        numerics = "ours_vllm_vs_ours_on_hf"
         lines.append(
-            f"| {r['policy']} | {r['ratio']} | {r['prompt_tokens']} | {kept} | {fmt(r['mean'])} | "
-            f"{fmt(r['min'])} | {fmt(c['ours_vllm_vs_ours_on_hf']['mean'])} / "
-            f"{fmt(c['ours_vllm_vs_ours_on_hf']['min'])} | {fmt(c['kvpress_vs_ours_on_hf']['mean'])} | "
-            f"{fmt(c['kvpress_vs_kvpress_replica']['mean'])} |")
+            f"| {case_name(r)} | {r['ratio']} | {r['prompt_tokens']} | {kept} | {fmt(r['mean'])} | "
+            f"{fmt(r['min'])} | {fmt(_check(r, numerics))} / {fmt(_check(r, numerics, 'min'))} | "
+            f"{fmt(_check(r, 'kvpress_vs_ours_on_hf'))} | "
+            f"{fmt(_check(r, 'kvpress_vs_kvpress_replica'))} |")
     lines += ["", "One-factor variants (kvpress's scoring, rebuilt, with one factor switched to "
               "ours; Jaccard against ours, mean / min):", ""]
     for r in results:
@@ -128,9 +139,15 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(f"* {label(r)}: {name}: {fmt(v['mean'])} / {fmt(v['min'])}")
     lines += ["", "![Jaccard per layer](kvpress_parity.png)", "", "## Why they differ", ""]
     for policy in POLICIES:
-        rs = [r for r in results if r["policy"] == policy]
+        rs = [r for r in results if r["policy"] == policy and r["args"] == ARGS[policy][0]]
         if rs:
             lines += [f"### {policy} vs {PRESSES[policy]}", "", EXPLAIN[policy](rs), ""]
+        for args in ARGS[policy][1:]:
+            other = [r for r in results if r["policy"] == policy and r["args"] == args]
+            if other:
+                lines += [f"With `{args_label(args)}` (one set per layer, by the score averaged "
+                          f"over its KV heads): Jaccard {_means(other)} (min "
+                          f"{', '.join(fmt(r['min']) for r in other)}).", ""]
     t = report["timings"]
     starts = ", ".join(f"{v['init_s']:.0f}" for v in t["ours"].values())
     gens = ", ".join(f"{v['generate_s']:.0f}" for v in t["ours"].values())
@@ -272,5 +289,29 @@ def _explain_knorm(rs: list[dict]) -> str:
             f"budget boundary ({swaps}; the numerics column).")
 
 
-EXPLAIN = {"streaming": _explain_streaming, "tova": _explain_tova, "snapkv": _explain_snapkv,
+def _explain_h2o(rs: list[dict]) -> str:
+    return (f"Jaccard {_means(rs)}, ours with `accumulation: mean`. ObservedAttentionPress sums "
+            "each key's attention over every prompt query and divides by the number of queries "
+            "that could see it (`L - position`), then averages each KV head's query group; ours "
+            "accumulates the same sums per KV head during prefill (each query's probabilities "
+            "added to the held keys) and divides by `logical length - position` at selection. "
+            "Nothing is protected on either side here (sinks 0, window 0). The default "
+            "`accumulation: sum` is the H2O paper's rule, which kvpress does not offer.")
+
+
+def _explain_expected_attention(rs: list[dict]) -> str:
+    return (f"Jaccard {_means(rs)}. Same definition on both sides: mean and population "
+            "covariance of the queries before RoPE (all but the first 4), the RoPE matrix "
+            "averaged over the next 512 positions applied to both, "
+            "`softmax(k.mu/sqrt(d) + k^T S k/(2d))` over the non-sink keys, averaged over each KV "
+            "head's query group, times the value norm; the 4 sinks are kept. kvpress takes the "
+            "queries before RoPE from `q_proj`; ours un-rotates the queries vLLM's attention "
+            "receives with vLLM's own cos/sin table (core/rope.py) and sums them in float64. "
+            "What is left is fp32 arithmetic (vLLM's kernels vs HF's) at near-ties of the "
+            "budget boundary; the scores need every query, which the probe does not record, so "
+            "there is no numerics/definition split for this policy.")
+
+
+EXPLAIN = {"h2o": _explain_h2o, "expected_attention": _explain_expected_attention,
+           "streaming": _explain_streaming, "tova": _explain_tova, "snapkv": _explain_snapkv,
            "pyramidkv": _explain_pyramidkv, "keydiff": _explain_keydiff, "knorm": _explain_knorm}

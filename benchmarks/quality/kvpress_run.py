@@ -32,10 +32,12 @@ if str(ROOT) not in sys.path:  # also runs as a plain script, in the kvpress ven
 
 KVPRESS_PREFIX = "kvpress-"
 # Our policy -> kvpress press and the arguments that match our defaults (sinks 4; SnapKV
-# window 64 and pooling kernel 5). h2o has no counterpart: kvpress presses compress once at
-# prefill, and its prefill-time H2O (ObservedAttentionPress) needs eager attention over the
-# whole prompt.
+# window 64 and pooling kernel 5; expected attention's 512 future positions). kvpress's H2O,
+# ObservedAttentionPress (attention averaged over the queries that saw each key, at prefill),
+# needs the attention weights, so its jobs run on an eager-attention copy of the model.
 PRESSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "h2o": ("ObservedAttentionPress", {}),
+    "expected_attention": ("ExpectedAttentionPress", {"n_sink": 4}),
     "streaming": ("StreamingLLMPress", {"n_sink": 4}),
     "snapkv": ("SnapKVPress", {"window_size": 64, "kernel_size": 5}),
     "pyramidkv": ("PyramidKVPress", {"window_size": 64, "kernel_size": 5}),
@@ -44,6 +46,7 @@ PRESSES: dict[str, tuple[str, dict[str, Any]]] = {
     "knorm": ("KnormPress", {}),
     "random": ("RandomPress", {}),
 }
+EAGER = {"h2o"}
 
 
 # ====================================================================== kvpress side (its venv)
@@ -58,14 +61,20 @@ def worker(spec_path: str) -> None:
     transformers.utils.logging.disable_progress_bar()
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    models: dict[str, Any] = {}
+
+    def model_for(attention: str):
+        if attention not in models:
+            models[attention] = AutoModelForCausalLM.from_pretrained(
+                spec["model"], dtype=torch.float32, attn_implementation=attention).eval()
+        return models[attention]
+
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     for job in spec["jobs"]:
         ids = torch.tensor([job["input_ids"]])
         generate = {"attention_mask": torch.ones_like(ids), "do_sample": False,
                     "max_new_tokens": spec["max_tokens"]}
-        press = None
+        press, model = None, model_for("eager" if job["policy"] in EAGER else "sdpa")
         if job["policy"] != "none":
             name, kwargs = PRESSES[job["policy"]]
             ratio = max(0.0, 1.0 - job["budget"] / ids.shape[1])

@@ -181,7 +181,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[quality] warning: {results} holds rows made with other (max_tokens, prefill) "
               f"settings {sorted(mismatched, key=str)}; use another --results file to compare",
               file=sys.stderr)
-    # Sample-major order: a partial run covers every condition for the first samples.
+    # Sample-major order, the tasks interleaved: a partial run covers every condition and every
+    # task for the first samples.
+    rank: dict[tuple, int] = defaultdict(int)
+    for s in samples:
+        s["_rank"] = rank[(s["task"], s["context_len"])]
+        rank[(s["task"], s["context_len"])] += 1
+    samples = sorted(samples, key=lambda s: s.pop("_rank"))  # stable: tasks stay in order
     todo = [(s, p, b) for s in samples for p, b in grid
             if (tag, s["id"], labelled(p, args.label), b) not in done]
     print(f"[quality] {len(samples)} samples x {len(grid)} conditions = "
