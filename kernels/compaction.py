@@ -1,37 +1,66 @@
-"""In-place per-head compaction of one request's pages (torch reference; the CPU path).
+"""In-place per-head compaction of requests' pages (torch reference; the CPU path).
 
-Gather the kept entries of every KV head to the dense front of the request's own pages, in
-the order given, then zero the rest of the last kept page so the stale tail stays finite.
-Sources and destinations may overlap: everything is read before anything is written.
+Gather the kept entries of every KV head to the dense front of each request's own pages, in the
+order given, then zero the rest of the last kept page so the stale tail stays finite. Sources
+and destinations may overlap: everything is read before anything is written. Requests never
+share pages, so the requests that compact in one step are moved together: the indices are
+built once for every layer (compaction_indices), then each layer is one gather and one scatter
+per tensor (apply_compaction).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from vllm_evict.kernels.paged import cdiv
 
 
-def compact_request_reference(
-    tensors: list[torch.Tensor],
-    block_ids: torch.Tensor,
-    keep: torch.Tensor,
-) -> None:
-    """tensors: views of one layer's paged data, each [blocks, kv_heads, block_size, X]
-    (keys, values, and the float32 score buffer with X = 1). block_ids: [n] int64, the
-    request's pages in order. keep: [kv_heads, P] int64 physical indices to keep per head
-    (P equal for all heads, every index < n * block_size)."""
-    block_size = tensors[0].shape[2]
-    num_heads, kept = keep.shape
-    heads = torch.arange(num_heads, device=keep.device)[:, None]
-    src_block, src_slot = block_ids[keep // block_size], keep % block_size
-    gathered = [t[src_block, heads, src_slot] for t in tensors]  # [heads, P, X] copies
+@dataclass
+class CompactionIndices:
+    """Where every kept entry of a step's compacting requests comes from and goes to."""
 
-    dst = torch.arange(kept, device=keep.device)
-    dst_block, dst_slot = block_ids[dst // block_size][None, :], (dst % block_size)[None, :]
-    tail = torch.arange(kept, cdiv(kept, block_size) * block_size, device=keep.device)
-    tail_block, tail_slot = block_ids[tail // block_size], tail % block_size
+    src_block: torch.Tensor  # [layers, kv_heads, N]
+    src_slot: torch.Tensor
+    dst_block: torch.Tensor  # [kv_heads or 1, N]: the same in every layer
+    dst_slot: torch.Tensor
+    tail_block: torch.Tensor  # [T]: the rest of each request's last kept page
+    tail_slot: torch.Tensor
+
+
+def compaction_indices(block_ids: list[torch.Tensor], keep: list[torch.Tensor],
+                       block_size: int) -> CompactionIndices:
+    """block_ids[r]: [n_r] int64, request r's pages in order; keep[r]: [layers, kv_heads, P_r]
+    int64 physical indices to keep per (layer, head), every index < n_r * block_size."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in CompactionIndices.__dataclass_fields__}
+    for ids, kept in zip(block_ids, keep, strict=True):
+        parts["src_block"].append(ids[kept // block_size])
+        parts["src_slot"].append(kept % block_size)
+        dst = torch.arange(kept.shape[-1], device=kept.device)
+        parts["dst_block"].append(ids[dst // block_size][None])
+        parts["dst_slot"].append((dst % block_size)[None])
+        tail = torch.arange(kept.shape[-1], cdiv(kept.shape[-1], block_size) * block_size,
+                            device=kept.device)
+        parts["tail_block"].append(ids[tail // block_size])
+        parts["tail_slot"].append(tail % block_size)
+    return CompactionIndices(**{k: torch.cat(v, dim=-1) for k, v in parts.items()})
+
+
+def apply_compaction(tensors: list[torch.Tensor], layer: int, idx: CompactionIndices) -> None:
+    """tensors: views of one layer's paged data, each [blocks, kv_heads, block_size, X] (keys,
+    values, and the float32 score buffer with X = 1)."""
+    heads = torch.arange(tensors[0].shape[1], device=idx.src_block.device)[:, None]
+    src_block, src_slot = idx.src_block[layer], idx.src_slot[layer]
+    gathered = [t[src_block, heads, src_slot] for t in tensors]  # [heads, N, X] copies
     for t, values in zip(tensors, gathered, strict=True):
-        t[dst_block, heads, dst_slot] = values
-        if tail.numel():
-            t[tail_block, :, tail_slot] = 0
+        t[idx.dst_block, heads, idx.dst_slot] = values
+        if idx.tail_block.numel():
+            t[idx.tail_block, :, idx.tail_slot] = 0
+
+
+def compact_request_reference(tensors: list[torch.Tensor], block_ids: torch.Tensor,
+                              keep: torch.Tensor) -> None:
+    """One request, one layer: keep [kv_heads, P] ascending per head."""
+    idx = compaction_indices([block_ids], [keep[None]], tensors[0].shape[2])
+    apply_compaction(tensors, 0, idx)

@@ -133,3 +133,22 @@ def compact_request(key_view: torch.Tensor, value_view: torch.Tensor,
     pages in order, keep [kv_heads, P] ascending per head."""
     kept = torch.full((1,), keep.shape[1], dtype=torch.int32, device=keep.device)
     compact(key_view, value_view, scores, block_ids[None], keep[None], kept, **kwargs)
+
+
+
+def batch_tables(block_ids: list[torch.Tensor], keep: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compact()'s block_table [R, max_pages], keep [layers, R, kv_heads, P_max] and num_kept
+    [R] for the requests of one step (block_ids[r] [n_r]: request r's pages in order; keep[r]
+    [layers, kv_heads, P_r] ascending per head), built once and used by every layer's launch."""
+    device = keep[0].device
+    table = torch.zeros(len(block_ids), max(len(b) for b in block_ids), dtype=torch.int32,
+                        device=device)
+    layers, heads, _ = keep[0].shape
+    kept = torch.zeros(layers, len(keep), heads, max(k.shape[-1] for k in keep),
+                       dtype=torch.int64, device=device)
+    for r, (ids, k) in enumerate(zip(block_ids, keep, strict=True)):
+        table[r, : len(ids)] = ids
+        kept[:, r, :, : k.shape[-1]] = k
+    counts = torch.tensor([k.shape[-1] for k in keep], dtype=torch.int32, device=device)
+    return table, kept, counts

@@ -383,6 +383,33 @@ def test_compaction_of_one_request_matches_the_reference_signature() -> None:
     assert torch.equal(bits(pool.cache), bits(want))
 
 
+def test_batched_compaction_of_a_step_matches_the_batched_reference() -> None:
+    """The runner's two paths for the requests that compact in one step, over two layers:
+    batch_tables + one compact() launch per layer (GPU) and compaction_indices +
+    apply_compaction (CPU) give the same caches."""
+    from vllm_evict.kernels.compaction import apply_compaction, compaction_indices
+    from vllm_evict.kernels.triton_compaction import batch_tables
+
+    g = torch.Generator().manual_seed(11)
+    pools = [make_pool(20 + layer, "flash", 16, 2, 64, F16, [45, 70, 33]) for layer in range(2)]
+    lens, kept = [45, 70, 33], [20, 37, 33]
+    keeps = [torch.stack([torch.stack([torch.randperm(n, generator=g)[:k].sort().values
+                                       for _ in range(2)]) for _ in range(2)])
+             for n, k in zip(lens, kept, strict=True)]  # [layers, heads, k] per request
+    ids = [pools[0].block_table[r, :cdiv(n, 16)].long() for r, n in enumerate(lens)]
+    wants = [pool.cache.clone() for pool in pools]
+    befores = [pool.cache.clone() for pool in pools]
+    indices = compaction_indices(ids, keeps, 16)
+    for layer, want in enumerate(wants):
+        apply_compaction(list(gpu_views(want.transpose(1, 2))), layer, indices)
+    table, keep, counts = batch_tables(ids, keeps)
+    for layer, pool in enumerate(pools):
+        compact(pool.key, pool.value, None, table, keep[layer], counts, block_t=8)
+    for pool, want, before in zip(pools, wants, befores, strict=True):
+        assert torch.equal(bits(pool.cache), bits(want))
+        assert not torch.equal(bits(want), bits(before))  # entries moved
+
+
 # ---------------------------------------------------------------- the GPU backend's observer
 
 # One step of a mixed batch: (held length, queries this step, observation or None).

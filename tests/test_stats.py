@@ -75,3 +75,46 @@ def test_masked_recompute_is_attention_over_visible_entries():
     probs = attention_probs_reference(query, keys, 0.25)
     assert not torch.allclose(output, torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(
         n, -1, DIM), atol=1e-3)  # the mask mattered
+
+
+def test_batched_decode_equals_each_request_alone():
+    """Four decode requests of different lengths (tova, h2o, and pyramidkv's masked h2o) in one
+    batch give, request by request, what the one-request path gives each alone."""
+    g = torch.Generator().manual_seed(5)
+    key = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    seqs = [13, 40, 7, 25]
+    pages = torch.randperm(BLOCKS, generator=g).to(torch.int32)
+    table = torch.zeros(len(seqs), BLOCKS, dtype=torch.int32)
+    used = 0
+    for row, seq in enumerate(seqs):
+        n = -(-seq // PAGE)
+        table[row, :n] = pages[used:used + n]
+        used += n
+    query = torch.randn(len(seqs), HEADS * GROUP, DIM, generator=g)
+    hidden = torch.zeros(HEADS, 20, dtype=torch.bool)
+    hidden[0, 2:6] = True
+    kinds = [stats.Observe.LATEST, stats.Observe.ACCUMULATE, stats.Observe.ACCUMULATE,
+             stats.Observe.ACCUMULATE]
+    obs = [stats.Observation(row, kind) for row, kind in enumerate(kinds)]
+    obs[3].visible = [~hidden]
+    starts, lens = torch.arange(len(seqs) + 1), torch.tensor(seqs)
+    cache = torch.empty(1)
+
+    def run(observations, one_by_one):
+        scores = torch.rand(BLOCKS, PAGE, HEADS, generator=torch.Generator().manual_seed(9))
+        output = torch.zeros(len(seqs), HEADS * GROUP, DIM)
+        plan = stats.StepPlan(observations, [scores], {cache.data_ptr(): 0})
+        if one_by_one:
+            plan.derived.update(decode=None, each=observations)
+        stats.observe_layer(plan, cache, key, value, query, output, starts, lens, table, 0.25)
+        return scores, output
+
+    batched, out_batched = run(obs, one_by_one=False)
+    each, out_each = run(obs, one_by_one=True)
+    assert torch.allclose(batched, each, atol=1e-6)
+    assert torch.allclose(out_batched[3], out_each[3], atol=1e-6)
+    untouched, _ = run([], one_by_one=True)
+    assert not torch.allclose(batched, untouched)  # every request wrote its scores
+    obs[1].kind = stats.Observe.LATEST  # a wrong kind must change the result
+    assert not torch.allclose(run(obs, one_by_one=False)[0], batched)

@@ -131,8 +131,14 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
         return
     _, kv_heads, page_size, dim = key_view.shape
     scores = plan.score_buffers[layer].view(-1, kv_heads)
+    if "decode" not in plan.derived:  # once per step, reused by every layer
+        plan.derived["decode"], plan.derived["each"] = split_decode(
+            plan.observations, query_start_loc, seq_lens, block_table, page_size)
+    decode: DecodeBatch | None = plan.derived["decode"]
+    if decode is not None:
+        observe_decode_batch(decode, layer, scores, key_view, value_view, query, output, scale)
     starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
-    for ob in plan.observations:
+    for ob in plan.derived["each"]:
         first, last, seq = starts[ob.row], starts[ob.row + 1], lengths[ob.row]
         if ob.kind is Observe.QUERY_MOMENTS:
             add_query_moments(plan, ob, layer, query[first:last])
@@ -185,3 +191,92 @@ def add_query_moments(plan: StepPlan, ob: Observation, layer: int, query: torch.
     positions = torch.arange(ob.first_position + ob.window_from,
                              ob.first_position + ob.window_from + query.shape[0])
     ob.moments.add(layer, len(plan.score_buffers), plan.rope.unrotate(query, positions))
+
+
+@dataclass
+class DecodeBatch:
+    """The step's one-query ACCUMULATE and LATEST observations (decode), measured together in
+    every layer with a few batched tensor ops and no per-request Python: their keys padded to
+    the longest, [B, S]."""
+
+    token: torch.Tensor
+    """[B] the query's row in the step's query tensor."""
+    flat: torch.Tensor
+    """[B, S] flat score slot (page * page_size + offset) of every held entry; 0 past the end."""
+    valid: torch.Tensor
+    """[B, S] bool: the entry exists (S > the request's length is padding)."""
+    latest: torch.Tensor
+    """[B] bool: LATEST (overwrite) rather than ACCUMULATE (add; the new entry starts at 0)."""
+    page: torch.Tensor
+    slot: torch.Tensor
+    hidden: torch.Tensor | None
+    """[layers, B, kv_heads, S] bool: entries attention may not see (pyramidkv); None: all."""
+
+
+def split_decode(observations: list[Observation], query_start_loc: torch.Tensor,
+                 seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int
+                 ) -> tuple[DecodeBatch | None, list[Observation]]:
+    """(the batchable decode observations as one DecodeBatch, the rest one by one)."""
+    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    batch, rest = [], []
+    for ob in observations:
+        one_query = starts[ob.row + 1] - starts[ob.row] == 1
+        if one_query and ob.kind in (Observe.ACCUMULATE, Observe.LATEST) and ob.window_weight == 1.0:
+            batch.append(ob)
+        else:
+            rest.append(ob)
+    if not batch:
+        return None, rest
+    device = block_table.device
+    rows = torch.tensor([ob.row for ob in batch], device=device)
+    seqs = torch.tensor([lengths[ob.row] for ob in batch], device=device)
+    longest = int(seqs.max())
+    pos = torch.arange(longest, device=device)
+    valid = pos[None, :] < seqs[:, None]
+    page = block_table[rows][:, pos // page_size].long()  # [B, S]; padding reads page row 0
+    slot = (pos % page_size).expand(len(batch), -1)
+    page = torch.where(valid, page, torch.zeros_like(page))
+    hidden = None
+    if any(ob.visible is not None for ob in batch):
+        num_layers = next(len(ob.visible) for ob in batch if ob.visible is not None)
+        kv_heads = next(ob.visible for ob in batch if ob.visible is not None)[0].shape[0]
+        hidden = torch.zeros(num_layers, len(batch), kv_heads, longest, dtype=torch.bool,
+                             device=device)
+        for b, ob in enumerate(batch):  # once per step, not per layer
+            if ob.visible is not None:
+                held = ob.visible[0].shape[1]
+                hidden[:, b, :, :held] = ~torch.stack(ob.visible)
+    return DecodeBatch(
+        token=torch.tensor([starts[ob.row + 1] - 1 for ob in batch], device=device),
+        flat=page * page_size + slot, valid=valid,
+        latest=torch.tensor([ob.kind is Observe.LATEST for ob in batch], device=device),
+        page=page, slot=slot, hidden=hidden), rest
+
+
+def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
+                         key_view: torch.Tensor, value_view: torch.Tensor, query: torch.Tensor,
+                         output: torch.Tensor, scale: float) -> None:
+    """One layer's statistics for a DecodeBatch; scores: the layer's buffer as [slots, kv_heads]."""
+    _, kv_heads, _, dim = key_view.shape
+    keys = key_view[batch.page, :, batch.slot].float()  # [B, S, kv_heads, D]
+    q = query[batch.token].float()  # [B, q_heads, D]
+    b = q.shape[0]
+    q = q.view(b, kv_heads, -1, dim)
+    logits = torch.einsum("bhgd,bshd->bhgs", q, keys) * scale
+    masked = ~batch.valid[:, None, None, :]
+    if batch.hidden is not None:
+        masked = masked | batch.hidden[layer][:, :, None, :]
+    probs = torch.softmax(logits.masked_fill(masked, float("-inf")), dim=-1)
+    if batch.hidden is not None:  # recompute the output over the visible entries
+        values = value_view[batch.page, :, batch.slot].float()
+        out = torch.einsum("bhgs,bshd->bhgd", probs, values).reshape(b, -1, dim)
+        output[batch.token] = out.to(output.dtype)
+    weights = probs.sum(dim=2).transpose(1, 2)  # [B, S, kv_heads]
+    flat, valid = batch.flat[batch.valid], weights[batch.valid]  # [N], [N, kv_heads]
+    latest = batch.latest[:, None].expand_as(batch.valid)[batch.valid]
+    # LATEST overwrites; ACCUMULATE adds, its new entry (the last) starting from zero.
+    newest = batch.valid & ~torch.nn.functional.pad(batch.valid[:, 1:], (0, 1), value=False)
+    fresh = batch.flat[newest & ~batch.latest[:, None]]
+    scores[fresh] = 0
+    scores[flat[latest]] = valid[latest]
+    scores.index_put_((flat[~latest],), valid[~latest], accumulate=True)

@@ -71,7 +71,9 @@ class RequestEvictionState:
 
     def held_positions(self, num_computed_tokens: int, layers: int, heads: int) -> torch.Tensor:
         """[layers, heads, held] logical position of every physical slot in use."""
-        appended = torch.arange(self.positions_known_until, num_computed_tokens, dtype=torch.int64)
+        device = self.kept_positions.device if self.kept_positions is not None else None
+        appended = torch.arange(self.positions_known_until, num_computed_tokens,
+                                dtype=torch.int64, device=device)
         appended = appended.expand(layers, heads, -1)
         if self.kept_positions is None:
             return appended.clone()

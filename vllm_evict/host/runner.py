@@ -24,7 +24,7 @@ from vllm_evict.core.policies import SelectionInput, Statistic, check_selection,
 from vllm_evict.core.rope import RopeTable
 from vllm_evict.core.state import RequestEvictionState
 from vllm_evict.host.metrics import metrics
-from vllm_evict.kernels.compaction import compact_request_reference
+from vllm_evict.kernels.compaction import apply_compaction, compaction_indices
 from vllm_evict.kernels.paged import cdiv, gather_paged
 
 logger = logging.getLogger("vllm.evict")
@@ -185,6 +185,7 @@ class EvictionRunnerMixin:
 
     def _compact_scheduled(self, scheduler_output) -> None:
         cached = scheduler_output.scheduled_cached_reqs
+        due, trims = [], []
         for i, req_id in enumerate(cached.req_ids):
             state = self.eviction_states.get(req_id)
             if state is None:
@@ -197,15 +198,18 @@ class EvictionRunnerMixin:
             computed = cached.num_computed_tokens[i]
             target = state.config.physical_length(computed, self.requests[req_id].num_prompt_tokens)
             if computed - state.evicted > target:
-                started = time.perf_counter()
-                self._compact(req_id, state, computed, target)
-                metrics().compaction_seconds.inc(time.perf_counter() - started)
-            # Every step, as the scheduler does (EvictionKVCacheManager.remove_skipped_blocks):
-            # pages past the physical length go, compacted or not. With speculative decoding
-            # these are the pages of rejected drafts' lookahead, which the scheduler frees and
-            # may hand out again in this very step.
-            self._drop_freed_pages(req_id, self.requests[req_id],
-                                   cdiv(target, self._eviction_page_size))
+                due.append((req_id, state, computed, target))
+            trims.append((req_id, cdiv(target, self._eviction_page_size)))
+        if due:
+            started = time.perf_counter()
+            self._compact(due)
+            metrics().compaction_seconds.inc(time.perf_counter() - started)
+        # Every step, as the scheduler does (EvictionKVCacheManager.remove_skipped_blocks):
+        # pages past the physical length go, compacted or not. With speculative decoding these
+        # are the pages of rejected drafts' lookahead, which the scheduler frees and may hand
+        # out again in this very step.
+        for req_id, keep_pages in trims:
+            self._drop_freed_pages(req_id, self.requests[req_id], keep_pages)
 
     def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
@@ -223,45 +227,62 @@ class EvictionRunnerMixin:
                 for k, _ in self._eviction_views]
         return self._eviction_views
 
-    def _compact(self, req_id: str, state: RequestEvictionState, computed: int,
-                 target: int) -> None:
+    def _compact(self, due: list[tuple[str, RequestEvictionState, int, int]]) -> None:
+        """Compact every (request, state, computed, target) due in this step: each request's
+        selection on the device that holds the cache, then one move per layer for all of them."""
         # One KV cache group: checked when the KV cache was set up (_check_supported).
-        pages = self.requests[req_id].block_ids[0]
         views = self._kv_views()
         key0 = views[0][0]
         num_layers, num_heads, page_size = len(views), key0.shape[1], key0.shape[2]
-        held = computed - state.evicted
+        page_lists, keeps = [], []
+        for req_id, state, computed, target in due:
+            held = computed - state.evicted
+            pages = self.requests[req_id].block_ids[0]
+            page_ids = torch.tensor(pages[: cdiv(held, page_size)], dtype=torch.int64,
+                                    device=key0.device)
+            positions = state.held_positions(computed, num_layers, num_heads).to(key0.device)
+            inp = self._selection_input(req_id, state, computed, target, page_ids, positions)
+            keep, visible = self._select(state, inp)
+            keep = keep.to(key0.device)
+            page_lists.append(page_ids)
+            keeps.append(keep)
+            state.record_compaction(positions.gather(-1, keep), computed, visible)
+            if self.eviction_dump is not None:
+                self.eviction_dump.write(req_id, self.eviction_step, computed,
+                                         state.visible_positions())
+        if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
+            from vllm_evict.kernels.triton_compaction import batch_tables, compact
 
-        positions = state.held_positions(computed, num_layers, num_heads)
-        page_ids = torch.tensor(pages[: cdiv(held, page_size)], dtype=torch.int64,
-                                device=key0.device)
-        slots = stats.page_slots(page_ids, held, page_size)
+            table, kept, counts = batch_tables(page_lists, keeps)
+            for layer, (key, value) in enumerate(views):
+                compact(key, value, self._score_buffers[layer].permute(0, 2, 1), table,
+                        kept[layer], counts)
+            return
+        indices = compaction_indices(page_lists, keeps, page_size)
+        for layer, (key, value) in enumerate(views):
+            score_view = self._score_buffers[layer].permute(0, 2, 1)  # [blocks, heads, page]
+            apply_compaction([key, value, score_view.unsqueeze(-1)], layer, indices)
+
+    def _selection_input(self, req_id: str, state: RequestEvictionState, computed: int,
+                         target: int, page_ids: torch.Tensor,
+                         positions: torch.Tensor) -> SelectionInput:
+        """What the policy reads, gathered from the device's pages (no host copy)."""
+        views = self._kv_views()
+        held = computed - state.evicted
         statistic = state.policy.statistic
         scores = keys = values = None
         if statistic in (Statistic.KEYS, Statistic.QUERY_MOMENTS):
-            keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views]).cpu()
+            keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views])
         if statistic is Statistic.QUERY_MOMENTS:
-            values = torch.stack([gather_paged(v, page_ids, held) for _, v in views]).cpu()
+            values = torch.stack([gather_paged(v, page_ids, held) for _, v in views])
         elif statistic not in (Statistic.NONE, Statistic.KEYS):
-            scores = torch.stack([buf.view(-1, num_heads)[slots].T for buf in self._score_buffers]).cpu()
-        inp = SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
-                             target_length=target, config=state.config, scores=scores, keys=keys,
-                             values=values, query_moments=state.query_moments,
-                             rope=self._rope_table())
-        keep, visible = self._select(state, inp)
-        keep_dev = keep.to(key0.device)
-        if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
-            from vllm_evict.kernels.triton_compaction import compact_request
-        for layer, (key, value) in enumerate(views):
-            score_view = self._score_buffers[layer].permute(0, 2, 1)  # [blocks, heads, page]
-            if key0.is_cuda:
-                compact_request(key, value, score_view, page_ids, keep_dev[layer])
-            else:
-                compact_request_reference([key, value, score_view.unsqueeze(-1)], page_ids,
-                                          keep_dev[layer])
-        state.record_compaction(positions.gather(-1, keep), computed, visible)
-        if self.eviction_dump is not None:
-            self.eviction_dump.write(req_id, self.eviction_step, computed, state.visible_positions())
+            slots = stats.page_slots(page_ids, held, self._eviction_page_size)
+            num_heads = views[0][0].shape[1]
+            scores = torch.stack([buf.view(-1, num_heads)[slots].T for buf in self._score_buffers])
+        return SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
+                              target_length=target, config=state.config, scores=scores,
+                              keys=keys, values=values, query_moments=state.query_moments,
+                              rope=self._rope_table())
 
     def _select(self, state: RequestEvictionState, inp: SelectionInput):
         """The policy's selection, or, if the policy raises or returns something malformed,
