@@ -19,7 +19,9 @@ for var, sub in {"VLLM_CACHE_ROOT": "vllm", "VLLM_RPC_BASE_PATH": "ipc", "TMPDIR
     os.environ.setdefault(var, str(CACHE / sub))
     Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
 for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                   "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+                   "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                   # internal invariants raise instead of logging and recovering
+                   "VLLM_EVICT_STRICT_CHECKS": "1"}.items():
     os.environ.setdefault(var, value)
 
 

@@ -481,8 +481,8 @@ def test_gpu_observer_measures_what_the_cpu_statistics_measure(gqa: int, dim: in
     torch.testing.assert_close(got[observed], want[observed], **SCALE_TOL)
     assert torch.equal(bits(got[~observed]), bits(before[~observed]))
     assert torch.equal(bits(got_out), bits(want_out))  # the masked request's output, recomputed
-    launches = gpu.plan_launches([ob for ob in observations if ob.visible is None], query_start,
-                                 pool.seq_lens)
+    launches = gpu.plan_launches([ob for ob in observations if ob.visible is None],
+                                 query_start.tolist(), pool.seq_lens.tolist(), query_start.device)
     assert sorted((la.mode, la.pool_kernel, la.max_queries) for la in launches) == [
         ("accumulate", 1, 20), ("accumulate", 3, 9), ("overwrite", 1, 5), ("overwrite", 5, 20)]
 

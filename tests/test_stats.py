@@ -114,6 +114,7 @@ def test_batched_decode_equals_each_request_alone():
     each, out_each = run(obs, one_by_one=True)
     assert torch.allclose(batched, each, atol=1e-6)
     assert torch.allclose(out_batched[3], out_each[3], atol=1e-6)
+    assert not out_batched[:3].any()  # only the masked request's output is recomputed
     untouched, _ = run([], one_by_one=True)
     assert not torch.allclose(batched, untouched)  # every request wrote its scores
     obs[1].kind = stats.Observe.LATEST  # a wrong kind must change the result

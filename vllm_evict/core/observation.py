@@ -10,6 +10,8 @@ path; a GPU backend wrapper calls the Triton kernels with the same plan.
 from __future__ import annotations
 
 import enum
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -96,11 +98,16 @@ class StepPlan:
     """data_ptr of a layer's KV cache -> its index in score_buffers."""
     rope: RopeTable | None = None
     """The model's rotary table, for QUERY_MOMENTS."""
+    host_layout: tuple[list[int], list[int]] | None = None
+    """(query start of every row and the end, physical length of every row), known on the
+    host before the forward pass; without it they are read from the attention metadata (a
+    device sync on GPU)."""
     derived: dict = field(default_factory=dict)
     """What a backend derives from the plan once per step and reuses in every layer (the GPU
     backend's kernel launches)."""
 
 
+logger = logging.getLogger("vllm.evict")
 _current: StepPlan | None = None
 QUERY_BLOCK = 256
 
@@ -112,6 +119,27 @@ def begin_step(plan: StepPlan | None) -> None:
 
 def current_plan() -> StepPlan | None:
     return _current
+
+
+def host_layout(plan: StepPlan, query_start_loc: torch.Tensor,
+                seq_lens: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(query starts, physical lengths) of the step's rows, without a sync when the runner
+    gave them."""
+    if plan.host_layout is None:
+        plan.host_layout = (query_start_loc.tolist(), seq_lens.tolist())
+    elif not query_start_loc.is_cuda and "layout_checked" not in plan.derived:
+        # Free off the GPU: check the runner's host-side layout against the metadata, so the
+        # CPU tests cover the layout the GPU path trusts without reading it back.
+        plan.derived["layout_checked"] = True
+        rows = len(plan.host_layout[1])
+        actual = (query_start_loc[: rows + 1].tolist(), seq_lens[:rows].tolist())
+        if actual != plan.host_layout:
+            if os.environ.get("VLLM_EVICT_STRICT_CHECKS") == "1":  # the test suite
+                raise AssertionError(f"host layout {plan.host_layout} != metadata {actual}")
+            logger.error("vllm-evict: the step's host layout %s differs from the attention "
+                         "metadata %s; using the metadata", plan.host_layout, actual)
+            plan.host_layout = actual
+    return plan.host_layout
 
 
 def page_slots(block_row: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
@@ -133,11 +161,12 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
     scores = plan.score_buffers[layer].view(-1, kv_heads)
     if "decode" not in plan.derived:  # once per step, reused by every layer
         plan.derived["decode"], plan.derived["each"] = split_decode(
-            plan.observations, query_start_loc, seq_lens, block_table, page_size)
+            plan.observations, *host_layout(plan, query_start_loc, seq_lens), block_table,
+            page_size)
     decode: DecodeBatch | None = plan.derived["decode"]
     if decode is not None:
         observe_decode_batch(decode, layer, scores, key_view, value_view, query, output, scale)
-    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    starts, lengths = host_layout(plan, query_start_loc, seq_lens)
     for ob in plan.derived["each"]:
         first, last, seq = starts[ob.row], starts[ob.row + 1], lengths[ob.row]
         if ob.kind is Observe.QUERY_MOMENTS:
@@ -211,13 +240,15 @@ class DecodeBatch:
     slot: torch.Tensor
     hidden: torch.Tensor | None
     """[layers, B, kv_heads, S] bool: entries attention may not see (pyramidkv); None: all."""
+    masked: torch.Tensor | None
+    """[B] bool: the rows with hidden entries, whose output is recomputed."""
 
 
-def split_decode(observations: list[Observation], query_start_loc: torch.Tensor,
-                 seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int
+def split_decode(observations: list[Observation], starts: list[int], lengths: list[int],
+                 block_table: torch.Tensor, page_size: int
                  ) -> tuple[DecodeBatch | None, list[Observation]]:
-    """(the batchable decode observations as one DecodeBatch, the rest one by one)."""
-    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    """(the batchable decode observations as one DecodeBatch, the rest one by one); starts
+    and lengths: the rows' query starts and physical lengths (host_layout)."""
     batch, rest = [], []
     for ob in observations:
         one_query = starts[ob.row + 1] - starts[ob.row] == 1
@@ -236,8 +267,9 @@ def split_decode(observations: list[Observation], query_start_loc: torch.Tensor,
     page = block_table[rows][:, pos // page_size].long()  # [B, S]; padding reads page row 0
     slot = (pos % page_size).expand(len(batch), -1)
     page = torch.where(valid, page, torch.zeros_like(page))
-    hidden = None
+    hidden = masked = None
     if any(ob.visible is not None for ob in batch):
+        masked = torch.tensor([ob.visible is not None for ob in batch], device=device)
         num_layers = next(len(ob.visible) for ob in batch if ob.visible is not None)
         kv_heads = next(ob.visible for ob in batch if ob.visible is not None)[0].shape[0]
         hidden = torch.zeros(num_layers, len(batch), kv_heads, longest, dtype=torch.bool,
@@ -250,7 +282,7 @@ def split_decode(observations: list[Observation], query_start_loc: torch.Tensor,
         token=torch.tensor([starts[ob.row + 1] - 1 for ob in batch], device=device),
         flat=page * page_size + slot, valid=valid,
         latest=torch.tensor([ob.kind is Observe.LATEST for ob in batch], device=device),
-        page=page, slot=slot, hidden=hidden), rest
+        page=page, slot=slot, hidden=hidden, masked=masked), rest
 
 
 def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
@@ -267,10 +299,11 @@ def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
     if batch.hidden is not None:
         masked = masked | batch.hidden[layer][:, :, None, :]
     probs = torch.softmax(logits.masked_fill(masked, float("-inf")), dim=-1)
-    if batch.hidden is not None:  # recompute the output over the visible entries
-        values = value_view[batch.page, :, batch.slot].float()
-        out = torch.einsum("bhgs,bshd->bhgd", probs, values).reshape(b, -1, dim)
-        output[batch.token] = out.to(output.dtype)
+    if batch.hidden is not None:  # recompute the masked rows' output over the visible entries
+        rows = batch.masked
+        values = value_view[batch.page[rows], :, batch.slot[rows]].float()
+        out = torch.einsum("bhgs,bshd->bhgd", probs[rows], values).reshape(-1, q.shape[1] * q.shape[2], dim)
+        output[batch.token[rows]] = out.to(output.dtype)
     weights = probs.sum(dim=2).transpose(1, 2)  # [B, S, kv_heads]
     flat, valid = batch.flat[batch.valid], weights[batch.valid]  # [N], [N, kv_heads]
     latest = batch.latest[:, None].expand_as(batch.valid)[batch.valid]

@@ -168,8 +168,19 @@ class EvictionRunnerMixin:
         if not observations:
             return None
         self._kv_views()
+        # The rows' query starts and physical lengths, from the host's own arrays, so the
+        # attention wrappers never read them back from the device.
+        num_reqs = self.input_batch.num_reqs
+        scheduled = [int(n) for n in num_scheduled_tokens[:num_reqs]]
+        starts = np.concatenate([[0], np.cumsum(scheduled)]).tolist()
+        lengths = [int(self.input_batch.num_computed_tokens_cpu[row]) + scheduled[row]
+                   - self._evicted_of_row(row) for row in range(num_reqs)]
         return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache,
-                              rope=self._rope_table())
+                              rope=self._rope_table(), host_layout=(starts, lengths))
+
+    def _evicted_of_row(self, row: int) -> int:
+        state = self.eviction_states.get(self.input_batch.req_ids[row])
+        return state.evicted if state is not None else 0
 
     def _rope_table(self) -> RopeTable | None:
         """The model's rotary table (vLLM's RotaryEmbedding.cos_sin_cache, float32), for the

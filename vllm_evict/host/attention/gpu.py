@@ -45,10 +45,10 @@ class Launch:
     max_seq_len: int
 
 
-def plan_launches(observations: list[stats.Observation], query_start_loc: torch.Tensor,
-                  seq_lens: torch.Tensor) -> list[Launch]:
-    """Group the observations (without hidden entries) into launches. One host sync."""
-    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+def plan_launches(observations: list[stats.Observation], starts: list[int], lengths: list[int],
+                  device: torch.device) -> list[Launch]:
+    """Group the observations (without hidden entries) into launches; starts and lengths come
+    from the host (stats.host_layout), so the forward pass never waits for the device."""
     groups: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {}
     for ob in observations:
         first, last = starts[ob.row], starts[ob.row + 1]
@@ -62,7 +62,6 @@ def plan_launches(observations: list[stats.Observation], query_start_loc: torch.
                    ob.pool_kernel if ob.window_ends else 1)
             lo = first + ob.window_from
         groups.setdefault(key, []).append((ob.row, lo, last, n))
-    device = query_start_loc.device
     launches = []
     for (mode, pool_kernel), members in groups.items():
         counts = [hi - lo for _, lo, hi, _ in members]
@@ -99,9 +98,11 @@ def observe_layer(plan: stats.StepPlan, kv_cache: torch.Tensor, key_view: torch.
     if "launches" not in plan.derived:
         masked = [ob for ob in plan.observations if needs_torch_path(ob)]
         plain = [ob for ob in plan.observations if not needs_torch_path(ob)]
+        layout = stats.host_layout(plan, query_start_loc, seq_lens)
         plan.derived["masked"] = stats.StepPlan(masked, plan.score_buffers, plan.layer_of_cache,
-                                                rope=plan.rope)
-        plan.derived["launches"] = plan_launches(plain, query_start_loc, seq_lens) if plain else []
+                                                rope=plan.rope, host_layout=layout)
+        plan.derived["launches"] = (plan_launches(plain, *layout, query_start_loc.device)
+                                    if plain else [])
     masked: stats.StepPlan = plan.derived["masked"]
     if masked.observations:
         stats.observe_layer(masked, kv_cache, key_view, value_view, query, output,
