@@ -1,12 +1,14 @@
 """Per-step decode time on CPU: vanilla vLLM vs the plugin with each policy, same machine, same run.
 
-    .venv/bin/python benchmarks/decode_overhead.py [--model DIR] [--batch 4] [--steps 128]
+    .venv/bin/python benchmarks/decode_overhead.py [--model DIR] [--configs 4x1024 16x1024 4x4096]
 
-Two offline engines in turn (each in its own process): vanilla vLLM (VLLM_PLUGINS="") and vLLM
-with the plugin (server default "none", each batch choosing its policy via extra_args). For
-each policy a batch of requests is decoded for `steps` tokens and every engine step after the
-prefill is timed; the median step is reported (robust to the other work on a shared machine).
-The steps include the compactions (every slack + 1 = 65 tokens). Writes docs/results/decode_overhead.{json,png}.
+For each configuration BATCHxPROMPT, two offline engines in turn (each in its own process):
+vanilla vLLM (VLLM_PLUGINS="") and vLLM with the plugin (server default "none", each batch
+choosing its policy via extra_args). For each policy a batch of requests is decoded for
+`steps` tokens and every engine step after the prefill is timed; the median step is reported
+(robust to the other work on a shared machine). The steps include the compactions (every
+slack + 1 = 65 tokens). Ratios are over the same configuration's vanilla and streaming steps.
+Writes docs/results/decode_overhead.{json,png}.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from common import RESULTS, SMOLLM2, contain_vllm_files, pyplot, save_figure, wr
 
 contain_vllm_files()
 
-POLICIES = ["none", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm"]
+POLICIES = ["none", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm",
+            "expected_attention"]
 
 
 def worker(args) -> None:
     from vllm import LLM, SamplingParams
 
-    engine = {"model": args.model, "enforce_eager": True, "max_model_len": 4096, "seed": 0}
+    engine = {"model": args.model, "enforce_eager": True, "seed": 0,
+              "max_model_len": args.prompt_len + args.steps + 64}
     if args.policies != ["vanilla"]:
         engine["additional_config"] = {"kv_eviction": {"policy": "none", "budget": args.budget,
                                                        "slack": 64}}
@@ -82,16 +86,22 @@ def run_engine(args, policies: list[str], env: dict) -> dict:
 def plot(result: dict) -> None:
     plt = pyplot()
 
-    names = ["vanilla", *result["plugin"]]
-    values = [result["vanilla"]["step_ms"]] + [v["step_ms"] for v in result["plugin"].values()]
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.bar(names, values, color=["#999999"] + ["#2a7ab0"] * (len(names) - 1))
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        names = ["vanilla", *run["plugin"]]
+        values = [run["vanilla"]["step_ms"]] + [v["step_ms"] for v in run["plugin"].values()]
+        ax.bar(names, values, color=["#999999"] + ["#2a7ab0"] * (len(names) - 1))
+        for i, (name, v) in enumerate(zip(names, values, strict=True)):
+            ratio = run["ratio_over_streaming"].get(name)
+            ax.text(i, v, f"{v:.0f}" + (f"\n{ratio:.2f}x" if ratio and name != "streaming" else ""),
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_ylabel("decode step (ms)")
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+        ax.set_title(f"batch {run['batch']}, prompt {run['prompt_len']}", fontsize=10)
     cfg = result["config"]
-    ax.set_ylabel("decode step (ms)")
-    ax.set_title(f"batch {cfg['batch']}, prompt {cfg['prompt_len']}, budget {cfg['budget']}, "
-                 f"{cfg['steps']} steps, CPU", fontsize=10)
+    fig.suptitle(f"median decode step, CPU, budget {cfg['budget']}, {cfg['steps']} steps; "
+                 "labels: ms and ratio over streaming", fontsize=10)
     fig.tight_layout()
     save_figure(fig, RESULTS / "decode_overhead.png")
 
@@ -99,25 +109,37 @@ def plot(result: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(SMOLLM2))
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--configs", nargs="+", default=["4x1024", "16x1024", "4x4096"],
+                    help="BATCHxPROMPT_LEN")
+    ap.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-len", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    vanilla = run_engine(args, ["vanilla"], {"VLLM_PLUGINS": ""})["vanilla"]
-    plugin = run_engine(args, args.policies, {})
-    base = vanilla["step_ms"]
-    result = {"config": {k: v for k, v in vars(args).items() if k != "worker"},
-              "vanilla": vanilla, "plugin": plugin,
-              "ratio_over_vanilla": {p: round(v["step_ms"] / base, 3) for p, v in plugin.items()}}
+    runs = []
+    for config in args.configs:
+        args.batch, args.prompt_len = map(int, config.split("x"))
+        vanilla = run_engine(args, ["vanilla"], {"VLLM_PLUGINS": ""})["vanilla"]
+        plugin = run_engine(args, args.policies, {})
+        base = vanilla["step_ms"]
+        streaming = plugin.get("streaming", {}).get("step_ms")
+        runs.append({
+            "batch": args.batch, "prompt_len": args.prompt_len, "vanilla": vanilla,
+            "plugin": plugin,
+            "ratio_over_vanilla": {p: round(v["step_ms"] / base, 3) for p, v in plugin.items()},
+            "ratio_over_streaming": ({p: round(v["step_ms"] / streaming, 3)
+                                      for p, v in plugin.items()} if streaming else {})})
+        print(config, json.dumps(runs[-1]["ratio_over_vanilla"]),
+              json.dumps(runs[-1]["ratio_over_streaming"]), flush=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "batch", "prompt_len")}
+    result = {"config": config, "runs": runs}
     print(write_json("decode_overhead", result))
     plot(result)
-    print(json.dumps(result["ratio_over_vanilla"]))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from tests.helpers.server import VllmServer  # noqa: E402
 
 
 async def _run(server: VllmServer, model: str, n: int, prompt_len: int, max_tokens: int,
-               pages: int) -> dict:
+               pages: int, xargs: dict | None = None) -> dict:
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     before = server.metrics()
     peak = {"running": 0.0, "usage": 0.0}
@@ -48,7 +48,8 @@ async def _run(server: VllmServer, model: str, n: int, prompt_len: int, max_toke
         rng = random.Random(seed)
         res = await client.completions.create(
             model=model, prompt=[rng.randrange(100, 20000) for _ in range(prompt_len)],
-            max_tokens=max_tokens, temperature=0.0, extra_body={"ignore_eos": True})
+            max_tokens=max_tokens, temperature=0.0,
+            extra_body={"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})})
         return res.usage.completion_tokens
 
     sampler = asyncio.create_task(sample())
