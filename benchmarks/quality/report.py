@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import retention  # noqa: E402
 from benchmarks.quality.run import DEFAULT_RESULTS, FULL_CACHE, read_results  # noqa: E402
 from benchmarks.quality.tasks import TASK_NAMES, context_label  # noqa: E402
 
@@ -120,6 +121,9 @@ def markdown(rows: list[dict[str, Any]], source: str) -> str:
                 f"{', '.join(context_label(c) for c in t.contexts)}; samples per cell: "
                 f"{min(ns)}–{max(ns)}; (max_tokens, answer-prefix prefill): "
                 f"{', '.join(str(s) for s in settings)}.", ""]
+
+        for ctx in t.contexts:  # retention with confidence intervals first: the headline
+            out += retention.markdown(mrows, ctx)
 
         # Summary: budget x policy, averaged over tasks and context lengths.
         cols = t.baselines + t.policies
@@ -250,9 +254,17 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, png_path = out_dir / "quality.md", out_dir / "quality.png"
+    by_task = out_dir / "quality_by_task.png"
     sources = ", ".join(_rel(Path(p)) for p in args.results)
-    md_path.write_text(markdown(rows, sources) + f"\n![score vs budget]({png_path.name})\n")
-    plot(rows, png_path, args.model)
+    model = args.model or max({r["model"] for r in rows}, key=lambda m: sum(r["model"] == m for r in rows))
+    mrows = [r for r in rows if r["model"] == model]
+    context = min({r["context_len"] for r in mrows})
+    md_path.write_text(markdown(rows, sources) + f"\n![retention]({png_path.name})\n\n"
+                       f"![score vs budget, by task]({by_task.name})\n")
+    retention.plot(mrows, context, png_path,
+                   f"{model}, RULER at {context} tokens: full-cache retention (blue: vllm-evict, "
+                   "orange: kvpress on the same samples)")
+    plot(rows, by_task, args.model)
     print(f"[report] {len(rows)} rows -> {md_path} and {png_path}")
     return md_path, png_path
 
