@@ -4,7 +4,8 @@
 #   CUDA machine: plain vllm==0.32.0 from PyPI.
 # Idempotent: re-running it on a ready venv only re-checks the install.
 # VLLM_EVICT_SYSTEM=1 (the images in deploy/docker): install into $PYTHON's own environment
-# instead of a .venv, the plugin non-editable, without the test and benchmark extras.
+# instead of a .venv, the plugin non-editable, without the test and benchmark extras
+# (VLLM_EVICT_EXTRAS=ray adds Ray Serve LLM, for deploy/ray).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -46,7 +47,7 @@ elif ! "$PYBIN" -c "import importlib.metadata as m; assert m.version('vllm') == 
 fi
 
 if [ "$SYSTEM" = 1 ]; then
-  pip install -q --no-cache-dir .
+  pip install -q --no-cache-dir ".${VLLM_EVICT_EXTRAS:+[$VLLM_EVICT_EXTRAS]}"  # e.g. ray
   "$PYBIN" -c "import importlib.metadata as m; print('[setup] vllm', m.version('vllm'), '| vllm-evict', m.version('vllm-evict'))"
   exit 0
 fi
