@@ -1,6 +1,7 @@
 """The Policy interface: a policy scores the tokens a request holds; the base class selects.
 
 A policy is a small dataclass with a `score()` method, one per file. Higher scores are kept.
+Its fields are its parameters (`--kv-policy-args`); each needs a default, as `heads` has one.
 Selection is the same for every policy: the sink tokens and the recent window are always kept,
 then the highest scores fill the budget, with the same count in every (layer, KV head), and the
 kept tokens stay in logical order. `heads` says whether each KV head chooses its own tokens or

@@ -26,6 +26,7 @@ class ExpectedAttentionPolicy(Policy):
                "before RoPE, rotated over the next 512 positions, times |value| (Expected "
                "Attention); needs no attention weights")
     statistic = Statistic.QUERY_MOMENTS
+    heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
     future_positions: int = 512
     skip_queries: int = 4
     """The first queries, left out of the statistics (outliers at the attention sinks)."""

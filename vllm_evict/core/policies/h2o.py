@@ -15,6 +15,7 @@ class H2OPolicy(Policy):
     name = "h2o"
     summary = "heavy hitters: attention accumulated over every query so far + recent window (H2O)"
     statistic = Statistic.ACCUMULATED_ATTENTION
+    heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
     accumulation: str = "sum"
     """sum: the attention each key received, summed over every query so far (the H2O paper);
     it favours old tokens, which more queries have seen. mean: that sum divided by the number

@@ -13,6 +13,7 @@ class KeyDiffPolicy(Policy):
     name = "keydiff"
     summary = "cosine distance of each key from the mean key; needs no attention (KeyDiff)"
     statistic = Statistic.KEYS
+    heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
 
     def score(self, inp: SelectionInput) -> torch.Tensor:
         return torch.stack([keydiff_scores_reference(layer_keys) for layer_keys in inp.keys])

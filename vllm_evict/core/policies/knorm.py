@@ -13,6 +13,7 @@ class KnormPolicy(Policy):
     name = "knorm"
     summary = "baseline: keep the keys with the smallest L2 norm"
     statistic = Statistic.KEYS
+    heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
 
     def score(self, inp: SelectionInput) -> torch.Tensor:
         return torch.stack([knorm_scores_reference(layer_keys) for layer_keys in inp.keys])

@@ -12,6 +12,7 @@ class SnapKVPolicy(Policy):
     summary = ("attention of the prompt's last 64 queries, max-pooled (kernel 5), at the end "
                "of prefill; then decode attention accumulates (SnapKV)")
     statistic = Statistic.PREFILL_WINDOW_ATTENTION
+    heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
     observation_window: int = 64
     pool_kernel: int = 5
 

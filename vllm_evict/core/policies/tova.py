@@ -8,5 +8,6 @@ from vllm_evict.core.policies.base import Policy, Statistic
 @dataclass
 class TOVAPolicy(Policy):
     name = "tova"
-    summary = "token omission via attention: the latest query's attention per KV head (TOVA)"
+    summary = "token omission via attention: the latest query's attention, one set per layer (TOVA)"
     statistic = Statistic.LATEST_QUERY_ATTENTION
+    heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
