@@ -94,3 +94,41 @@ def test_query_moments_are_the_mean_and_population_covariance():
         assert torch.allclose(cov[0, head].double(), torch.cov(x.T, correction=0), atol=1e-4)
     with pytest.raises(ValueError, match="no queries"):
         QueryMoments().mean_and_covariance()
+
+
+def test_decode_query_moments_batched_equal_one_by_one():
+    """Three expected-attention requests decoding in one step, over two layers: the batched
+    path (one un-rotation per layer, folded after the forward) adds exactly what the
+    one-request path adds."""
+    from vllm_evict.core import observation as stats
+
+    theta = 10000.0 ** (-torch.arange(0, 16, 2) / 16)
+    angles = torch.arange(512)[:, None] * theta[None]
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], dim=-1))
+    g = torch.Generator().manual_seed(4)
+    queries = [torch.randn(3, 4, 16, generator=g) for _ in range(2)]  # per layer [rows, q_heads, D]
+    positions = [40, 7, 300]
+
+    def run(batched: bool) -> list[stats.QueryMoments]:
+        moments = [stats.QueryMoments() for _ in positions]
+        obs = [stats.Observation(row, stats.Observe.QUERY_MOMENTS, first_position=p, moments=m)
+               for row, (p, m) in enumerate(zip(positions, moments, strict=True))]
+        caches = [torch.empty(1), torch.empty(1)]
+        plan = stats.StepPlan(obs, [torch.zeros(4, 8, 2)] * 2,
+                              {c.data_ptr(): i for i, c in enumerate(caches)}, rope=rope,
+                              host_layout=([0, 1, 2, 3], [41, 8, 301]))
+        if not batched:
+            plan.derived.update(moments=None, decode=None, each=obs)
+        for layer, cache in enumerate(caches):
+            stats.observe_layer(plan, cache, torch.zeros(4, 2, 8, 16), torch.zeros(4, 2, 8, 16),
+                                queries[layer], torch.zeros(3, 4, 16), torch.tensor([0, 1, 2, 3]),
+                                torch.tensor([41, 8, 301]), torch.zeros(3, 4, dtype=torch.int32),
+                                0.25)
+        assert (plan.derived["moments"] is not None) == batched
+        stats.finish_step(plan)
+        return moments
+
+    for a, b in zip(run(batched=True), run(batched=False), strict=True):
+        assert torch.allclose(a.total, b.total) and torch.allclose(a.outer, b.outer)
+        assert torch.equal(a.count, b.count) and a.count.tolist() == [1.0, 1.0]
+    assert not torch.allclose(run(True)[0].total, run(True)[1].total)  # rows kept apart

@@ -41,6 +41,21 @@ class QueryMoments:
     count: torch.Tensor | None = None
     """[layers] queries added per layer"""
 
+    def add_all_layers(self, queries: torch.Tensor) -> None:
+        """queries: [layers, q_heads, head_dim], one query per layer (a decode step), un-rotated."""
+        self._allocate(*queries.shape, queries.device)
+        q = queries.double()
+        self.total += q
+        self.outer += q[..., :, None] * q[..., None, :]
+        self.count += 1
+
+    def _allocate(self, num_layers: int, heads: int, dim: int, device: torch.device) -> None:
+        if self.total is None:
+            kw = {"dtype": torch.float64, "device": device}
+            self.total = torch.zeros(num_layers, heads, dim, **kw)
+            self.outer = torch.zeros(num_layers, heads, dim, dim, **kw)
+            self.count = torch.zeros(num_layers, **kw)
+
     def add(self, layer: int, num_layers: int, queries: torch.Tensor) -> None:
         """queries: [n, q_heads, head_dim], already un-rotated."""
         if self.total is None:
@@ -160,12 +175,16 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
     _, kv_heads, page_size, dim = key_view.shape
     scores = plan.score_buffers[layer].view(-1, kv_heads)
     if "decode" not in plan.derived:  # once per step, reused by every layer
+        starts, lengths = host_layout(plan, query_start_loc, seq_lens)
+        plan.derived["moments"], others = split_moments(plan.observations, starts, plan.rope)
         plan.derived["decode"], plan.derived["each"] = split_decode(
-            plan.observations, *host_layout(plan, query_start_loc, seq_lens), block_table,
-            page_size)
+            others, starts, lengths, block_table, page_size)
     decode: DecodeBatch | None = plan.derived["decode"]
     if decode is not None:
         observe_decode_batch(decode, layer, scores, key_view, value_view, query, output, scale)
+    moments: MomentsBatch | None = plan.derived.get("moments")
+    if moments is not None:
+        moments.observe(layer, len(plan.score_buffers), query)
     starts, lengths = host_layout(plan, query_start_loc, seq_lens)
     for ob in plan.derived["each"]:
         first, last, seq = starts[ob.row], starts[ob.row + 1], lengths[ob.row]
@@ -258,6 +277,62 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
             rest.append(ob)
     if not batch:
         return None, rest
+    return decode_batch(batch, starts, lengths, block_table, page_size), rest
+
+
+def split_moments(observations: list[Observation], starts: list[int], rope: RopeTable | None
+                  ) -> tuple[MomentsBatch | None, list[Observation]]:
+    """(the one-query QUERY_MOMENTS observations past their skipped queries as a MomentsBatch,
+    the rest)."""
+    batch = [ob for ob in observations if ob.kind is Observe.QUERY_MOMENTS and ob.window_from == 0
+             and starts[ob.row + 1] - starts[ob.row] == 1 and ob.moments is not None]
+    if not batch or rope is None:
+        return None, observations
+    rest = [ob for ob in observations if all(ob is not b for b in batch)]
+    return MomentsBatch(batch, [starts[ob.row] for ob in batch], rope), rest
+
+
+@dataclass
+class MomentsBatch:
+    """Decode-step query moments (expected attention) for many requests: every layer un-rotates
+    all their queries at once into one buffer, and the end of the step adds each request's
+    column of every layer in one call (finish_step), so the layer loop has no per-request work."""
+
+    observations: list[Observation]
+    tokens: list[int]
+    rope: RopeTable
+    buffer: torch.Tensor | None = None
+    """[layers, B, q_heads, D] un-rotated queries of this step."""
+
+    def observe(self, layer: int, num_layers: int, query: torch.Tensor) -> None:
+        device = query.device
+        q = query[torch.tensor(self.tokens, device=device)]
+        positions = torch.tensor([ob.first_position for ob in self.observations])
+        if self.buffer is None:
+            self.buffer = torch.zeros(num_layers, *q.shape, dtype=torch.float32, device=device)
+        self.buffer[layer] = self.rope.unrotate(q, positions)
+
+    def finish(self) -> None:
+        if self.buffer is None:
+            return  # the forward never reached an observed layer
+        for b, ob in enumerate(self.observations):
+            ob.moments.add_all_layers(self.buffer[:, b])
+
+
+def finish_step(plan: StepPlan | None) -> None:
+    """After the forward pass: fold what the layers buffered into the requests' statistics
+    (also in the sub-plans a backend derived, such as the GPU backend's torch-path plan)."""
+    if plan is None:
+        return
+    if plan.derived.get("moments") is not None:
+        plan.derived["moments"].finish()
+    for value in plan.derived.values():
+        if isinstance(value, StepPlan):
+            finish_step(value)
+
+
+def decode_batch(batch: list[Observation], starts: list[int], lengths: list[int],
+                 block_table: torch.Tensor, page_size: int) -> DecodeBatch:
     device = block_table.device
     rows = torch.tensor([ob.row for ob in batch], device=device)
     seqs = torch.tensor([lengths[ob.row] for ob in batch], device=device)
@@ -282,7 +357,7 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
         token=torch.tensor([starts[ob.row + 1] - 1 for ob in batch], device=device),
         flat=page * page_size + slot, valid=valid,
         latest=torch.tensor([ob.kind is Observe.LATEST for ob in batch], device=device),
-        page=page, slot=slot, hidden=hidden, masked=masked), rest
+        page=page, slot=slot, hidden=hidden, masked=masked)
 
 
 def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,

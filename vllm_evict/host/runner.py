@@ -125,7 +125,9 @@ class EvictionRunnerMixin:
 
     def execute_model(self, *args, **kwargs):
         try:
-            return super().execute_model(*args, **kwargs)
+            result = super().execute_model(*args, **kwargs)
+            stats.finish_step(stats.current_plan())
+            return result
         finally:
             stats.begin_step(None)  # dummy and profiling runs must never observe
 
