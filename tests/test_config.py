@@ -103,8 +103,7 @@ def test_policy_args_are_validated_and_reach_the_policy():
         ({"snapkv": {"pool_kernel": "7"}}, "snapkv.pool_kernel: must be int"),
         ({"snapkv": {"pool_kernel": True}}, "snapkv.pool_kernel: must be int"),
         ({"lru": {}}, "unknown policy 'lru'"),
-        ({"h2o": {"beta": 1}}, "h2o: unknown parameter 'beta'; h2o has accumulation, heads, "
-                               "late_queries, late_weight"),
+        ({"h2o": {"beta": 1}}, "h2o: unknown parameter 'beta'; h2o has accumulation, heads"),
         ({"tova": {"heads": "group"}}, "tova: heads must be one of per_head, shared"),
         ("{not json", "must be JSON"),
     ]:

@@ -22,8 +22,8 @@ def _input(scores: torch.Tensor, computed: int | None = None) -> SelectionInput:
 
 def test_shared_heads_keep_one_set_per_layer_by_the_mean_score():
     scores = torch.rand(3, 4, 60, generator=torch.Generator().manual_seed(0))
-    shared = get_policy_class("h2o")(heads="shared").select(_input(scores))
-    per_head = get_policy_class("h2o")(heads="per_head").select(_input(scores))
+    shared = get_policy_class("h2o")(heads="shared", accumulation="sum").select(_input(scores))
+    per_head = get_policy_class("h2o")(heads="per_head", accumulation="sum").select(_input(scores))
     assert (shared == shared[:, :1]).all() and not (per_head == per_head[:, :1]).all()
     mean = scores.mean(1)  # independent: the protected tokens, then the top mean scores
     for layer in range(3):
@@ -40,9 +40,9 @@ def test_heads_must_be_a_known_mode():
 def test_h2o_mean_divides_by_the_queries_that_saw_each_key():
     scores = torch.ones(1, 1, 50)  # every key got the same total: the mean favours the newest
     inp = _input(scores, computed=50)
-    mean = get_policy_class("h2o")(accumulation="mean").score(inp)
+    mean = get_policy_class("h2o")().score(inp)  # the default, kvpress's rule
     assert torch.allclose(mean[0, 0], 1 / (50 - torch.arange(50.0)))
-    assert torch.equal(get_policy_class("h2o")().score(inp), scores)  # the H2O paper's sum
+    assert torch.equal(get_policy_class("h2o")(accumulation="sum").score(inp), scores)  # H2O's
     with pytest.raises(ValueError, match="accumulation"):
         get_policy_class("h2o")(accumulation="max")
 

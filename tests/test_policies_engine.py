@@ -90,8 +90,8 @@ def _expected_scores(policy: str, layer: dict, positions: torch.Tensor, computed
     heads = torch.arange(kv_heads)[:, None]
     if policy == "streaming":
         return positions.double()
-    if policy == "h2o":  # every query so far
-        return per_kv[:, :computed].sum(1)[heads, positions]
+    if policy == "h2o":  # every query so far, per query that could see the key (the default)
+        return per_kv[:, :computed].sum(1)[heads, positions] / (computed - positions).double()
     if policy == "tova":  # the latest query
         return per_kv[:, computed - 1][heads, positions]
     if policy == "snapkv":  # last 64 prompt queries, max-pooled over the prompt; then decode sums

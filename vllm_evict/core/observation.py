@@ -91,10 +91,6 @@ class Observation:
     window_ends: bool = False
     """WINDOW: the prompt ends in this step (the summed scores are max-pooled)."""
     pool_kernel: int = 1
-    window_weight: float = 1.0
-    """ACCUMULATE: queries window_from .. window_until - 1 of this step count this many times
-    (h2o's late_queries)."""
-    window_until: int | None = None
     first_position: int = 0
     """QUERY_MOMENTS: logical position of this step's first query of the request (RoPE)."""
     moments: QueryMoments | None = None
@@ -215,11 +211,6 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
                 out = torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(hi - lo, -1, dim)
                 output[first + lo:first + hi] = out.to(output.dtype)
             weights += probs[max(0, observed - lo):].sum(dim=(0, 2))
-            if ob.window_weight != 1.0:
-                a = max(ob.window_from, lo) - lo
-                b = min(n if ob.window_until is None else ob.window_until, hi) - lo
-                if b > a:
-                    weights += (ob.window_weight - 1.0) * probs[a:b].sum(dim=(0, 2))
         slots = page_slots(block_table[ob.row], seq, page_size)
         if ob.kind is Observe.LATEST:
             scores[slots] = weights.T
@@ -271,7 +262,7 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
     batch, rest = [], []
     for ob in observations:
         one_query = starts[ob.row + 1] - starts[ob.row] == 1
-        if one_query and ob.kind in (Observe.ACCUMULATE, Observe.LATEST) and ob.window_weight == 1.0:
+        if one_query and ob.kind in (Observe.ACCUMULATE, Observe.LATEST):
             batch.append(ob)
         else:
             rest.append(ob)

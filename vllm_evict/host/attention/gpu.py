@@ -77,11 +77,10 @@ def plan_launches(observations: list[stats.Observation], starts: list[int], leng
 
 
 def needs_torch_path(ob: stats.Observation) -> bool:
-    """Hidden entries (the output is recomputed with a mask), query moments (expected
-    attention: a batched matmul, no attention weights) and weighted queries (h2o's
-    late_queries) take the torch path of core/observation.py."""
-    return (ob.visible is not None or ob.kind is stats.Observe.QUERY_MOMENTS
-            or ob.window_weight != 1.0)
+    """Hidden entries (the output is recomputed with a mask) and query moments (expected
+    attention: batched matmuls, no attention weights) take the torch path of
+    core/observation.py."""
+    return ob.visible is not None or ob.kind is stats.Observe.QUERY_MOMENTS
 
 
 def observe_layer(plan: stats.StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor,
