@@ -17,7 +17,11 @@ from vllm_evict.core.dump import records_for
 
 pytestmark = pytest.mark.engine
 
-SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16}
+# Per KV head: under TP each rank holds only its own KV heads, so `heads: shared` (the score
+# policies' default) shares a set across the rank's heads only, and its tokens legitimately
+# differ from TP=1's (docs/architecture.md). Per-head selection is rank-local, hence exact.
+SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16,
+          "policy_args": {"h2o": {"heads": "per_head"}, "keydiff": {"heads": "per_head"}}}
 POLICIES = ["streaming", "h2o", "keydiff"]
 
 
