@@ -280,7 +280,8 @@ def split_moments(observations: list[Observation], starts: list[int], rope: Rope
     if not batch or rope is None:
         return None, observations
     rest = [ob for ob in observations if all(ob is not b for b in batch)]
-    return MomentsBatch(batch, [starts[ob.row] for ob in batch], rope), rest
+    return MomentsBatch(batch, torch.tensor([starts[ob.row] for ob in batch]),
+                        torch.tensor([ob.first_position for ob in batch]), rope), rest
 
 
 @dataclass
@@ -290,18 +291,21 @@ class MomentsBatch:
     column of every layer in one call (finish_step), so the layer loop has no per-request work."""
 
     observations: list[Observation]
-    tokens: list[int]
+    tokens: torch.Tensor
+    """[B] the query's row in the step's query tensor (built once per step)."""
+    positions: torch.Tensor
+    """[B] its logical position (RoPE)."""
     rope: RopeTable
     buffer: torch.Tensor | None = None
     """[layers, B, q_heads, D] un-rotated queries of this step."""
 
     def observe(self, layer: int, num_layers: int, query: torch.Tensor) -> None:
         device = query.device
-        q = query[torch.tensor(self.tokens, device=device)]
-        positions = torch.tensor([ob.first_position for ob in self.observations])
+        self.tokens = self.tokens.to(device)  # a no-op after the first layer
+        q = query[self.tokens]
         if self.buffer is None:
             self.buffer = torch.zeros(num_layers, *q.shape, dtype=torch.float32, device=device)
-        self.buffer[layer] = self.rope.unrotate(q, positions)
+        self.buffer[layer] = self.rope.unrotate(q, self.positions)
 
     def finish(self) -> None:
         if self.buffer is None:
@@ -327,7 +331,7 @@ def decode_batch(batch: list[Observation], starts: list[int], lengths: list[int]
     device = block_table.device
     rows = torch.tensor([ob.row for ob in batch], device=device)
     seqs = torch.tensor([lengths[ob.row] for ob in batch], device=device)
-    longest = int(seqs.max())
+    longest = max(lengths[ob.row] for ob in batch)  # from the host: no device sync
     pos = torch.arange(longest, device=device)
     valid = pos[None, :] < seqs[:, None]
     page = block_table[rows][:, pos // page_size].long()  # [B, S]; padding reads page row 0
