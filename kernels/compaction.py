@@ -2,8 +2,9 @@
 
 Gather the kept entries of every KV head to the dense front of each request's own pages, in the
 order given, then zero the rest of the last kept page so the stale tail stays finite. Sources
-and destinations may overlap: everything is read before anything is written. Requests never
-share pages, so the requests that compact in one step are moved together: the indices are
+and destinations may overlap: everything is read before anything is written. A first compaction
+under prefix caching writes to fresh pages instead (copy on write). Requests never share the
+pages they write, so the requests that compact in one step are moved together: the indices are
 built once for every layer (compaction_indices), then each layer is one gather and one scatter
 per tensor (apply_compaction).
 """
@@ -30,19 +31,24 @@ class CompactionIndices:
 
 
 def compaction_indices(block_ids: list[torch.Tensor], keep: list[torch.Tensor],
-                       block_size: int) -> CompactionIndices:
+                       block_size: int,
+                       dst_block_ids: list[torch.Tensor | None] | None = None) -> CompactionIndices:
     """block_ids[r]: [n_r] int64, request r's pages in order; keep[r]: [layers, kv_heads, P_r]
-    int64 physical indices to keep per (layer, head), every index < n_r * block_size."""
+    int64 physical indices to keep per (layer, head), every index < n_r * block_size.
+    dst_block_ids[r]: the pages request r's kept entries go to (copy on write: fresh pages, at
+    least cdiv(P_r, block_size) of them, disjoint from every source page); None: its own."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in CompactionIndices.__dataclass_fields__}
-    for ids, kept in zip(block_ids, keep, strict=True):
+    dst_block_ids = dst_block_ids or [None] * len(block_ids)
+    for ids, kept, dst_ids in zip(block_ids, keep, dst_block_ids, strict=True):
         parts["src_block"].append(ids[kept // block_size])
         parts["src_slot"].append(kept % block_size)
+        out = ids if dst_ids is None else dst_ids
         dst = torch.arange(kept.shape[-1], device=kept.device)
-        parts["dst_block"].append(ids[dst // block_size][None])
+        parts["dst_block"].append(out[dst // block_size][None])
         parts["dst_slot"].append((dst % block_size)[None])
         tail = torch.arange(kept.shape[-1], cdiv(kept.shape[-1], block_size) * block_size,
                             device=kept.device)
-        parts["tail_block"].append(ids[tail // block_size])
+        parts["tail_block"].append(out[tail // block_size])
         parts["tail_slot"].append(tail % block_size)
     return CompactionIndices(**{k: torch.cat(v, dim=-1) for k, v in parts.items()})
 

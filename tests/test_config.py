@@ -131,3 +131,92 @@ def test_compacts_within_names_exactly_the_steps_before_a_compaction():
                 state.evicted = nxt - target
             c = nxt
         assert predicted == actual and any(actual) and not all(actual)
+
+
+# ---------------------------------------------------------------------- prefill eviction
+
+
+def _prefill_boundaries(cfg: EvictionConfig, prompt: int, chunk_sizes: list[int], steps: int):
+    """Step boundaries of a request whose prefill is chunked as a scheduler might (sizes drawn
+    by the test) but never past a compaction point, then `steps` decode steps."""
+    c, out, sizes = 0, [], iter(chunk_sizes * (prompt + 1))
+    while c < prompt:
+        n = min(next(sizes), prompt - c)
+        stop = cfg.prefill_stop(c, prompt)
+        if stop is not None:
+            assert stop > c
+            n = min(n, stop - c)
+        c += n
+        out.append(c)
+    out += list(range(prompt + 1, prompt + 1 + steps))
+    return out
+
+
+def test_prefill_eviction_examples():
+    cfg = EvictionConfig(policy="streaming", budget=100, slack=10, window=8,
+                         prefill_eviction=True, prefill_chunk=64)
+    assert cfg.first_prefill_point == 128  # the first multiple of 64 past the cap (110)
+    assert [cfg.prefill_stop(c, 1000) for c in (0, 127, 128, 129, 959, 960)] == \
+        [128, 128, 192, 192, 960, None]
+    assert cfg.physical_length(120, 1000) == 120  # past the cap, before the first point
+    assert [cfg.physical_length(c, 1000) for c in (128, 150, 192, 960, 999)] == \
+        [100, 122, 100, 100, 139]
+    # The prompt's end holds 100 + (1000 - 960) = 140 > cap: compacted there to the budget.
+    assert cfg.physical_length(1000, 1000) == 100
+    assert cfg.prefill_segment(500, 1000) == (448, 512)
+    assert cfg.prefill_segment(980, 1000) == (960, 1000)
+    assert cfg.prefill_segment(50, 1000) == (0, 128)
+    assert cfg.may_evict(200, 1)  # compacted during prefill although it decodes nothing
+    assert not EvictionConfig(policy="streaming", budget=100, slack=10, window=8).may_evict(200, 1)
+    assert cfg.bounded_length is None  # requests may opt out
+    assert cfg.model_copy(update={"request_override": "deny"}).bounded_length == 110 + 64
+
+
+@given(budget=st.integers(41, 300), slack=st.integers(0, 40), chunk=st.integers(1, 200),
+       prompt=st.integers(1, 2000), sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),
+       steps=st.integers(0, 200))
+def test_prefill_eviction_bounds_the_peak_and_never_grows_faster_than_tokens(
+        budget, slack, chunk, prompt, sizes, steps):
+    cfg = EvictionConfig(policy="streaming", budget=budget, slack=slack, window=8,
+                         prefill_eviction=True, prefill_chunk=chunk)
+    held, previous = 0, 0
+    for c in _prefill_boundaries(cfg, prompt, sizes, steps):
+        grown = held + (c - previous)  # what the request holds before this boundary compacts
+        assert grown <= cfg.cap + chunk  # the peak bound, for any prompt length
+        physical = cfg.physical_length(c, prompt)
+        assert physical <= grown
+        assert physical >= min(c, cfg.budget)
+        held, previous = physical, c
+    assert cfg.peak_length(prompt + steps) <= cfg.cap + chunk
+
+
+@given(budget=st.integers(41, 300), slack=st.integers(0, 40), chunk=st.integers(1, 200),
+       prompt=st.integers(1, 2000),
+       sizes_a=st.lists(st.integers(1, 700), min_size=1, max_size=4),
+       sizes_b=st.lists(st.integers(1, 700), min_size=1, max_size=4))
+def test_prefill_compaction_points_do_not_depend_on_chunking(
+        budget, slack, chunk, prompt, sizes_a, sizes_b):
+    """Two schedulers that chunk differently compact at the same logical lengths to the same
+    physical lengths: the kept sets cannot depend on batching."""
+    cfg = EvictionConfig(policy="streaming", budget=budget, slack=slack, window=8,
+                         prefill_eviction=True, prefill_chunk=chunk)
+
+    def compactions(sizes):
+        out, held, previous = [], 0, 0
+        for c in _prefill_boundaries(cfg, prompt, sizes, 50):
+            physical = cfg.physical_length(c, prompt)
+            if physical < held + (c - previous):
+                out.append((c, physical))
+            held, previous = physical, c
+        return out
+
+    assert compactions(sizes_a) == compactions(sizes_b)
+
+
+def test_prefill_eviction_limits_the_prefix_hit_to_before_the_first_point():
+    cfg = EvictionConfig(policy="tova", budget=100, slack=10, window=8, prefill_eviction=True,
+                         prefill_chunk=64)
+    assert cfg.prefix_hit_limit(1000) == 127
+    assert cfg.model_copy(update={"policy": "snapkv"}).prefix_hit_limit(1000) == 128 - 64
+    assert cfg.model_copy(update={"policy": "h2o"}).prefix_hit_limit(1000) == 0
+    assert cfg.model_copy(update={"prefill_eviction": False}).prefix_hit_limit(1000) == 1000

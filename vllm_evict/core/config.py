@@ -61,6 +61,13 @@ class EvictionConfig(BaseModel):
     """Smallest budget a request may ask for; None: anything above sink_tokens + window."""
     budget_max: int | None = None
     """Largest budget a request may ask for; None: no limit."""
+    prefill_eviction: bool = False
+    """Compact during prefill too, every `prefill_chunk` prompt tokens once past the cap, so a
+    request's peak is about budget + slack + prefill_chunk however long its prompt (opt-in; a
+    server setting)."""
+    prefill_chunk: int = 512
+    """With prefill_eviction: the logical positions (multiples of this) where prefill stops and
+    compacts. Fixed points, so the kept sets never depend on how a busy scheduler batches."""
     policy_args: dict[str, dict[str, Any]] = {}
     """Per policy, values for its dataclass fields, e.g. {"snapkv": {"observation_window": 32},
     "pyramidkv": {"beta": 10}}; they apply to every request that runs that policy. A server
@@ -98,14 +105,15 @@ class EvictionConfig(BaseModel):
             raise ValueError(f"must be an integer > 0; got {value!r}")
         return value
 
-    @field_validator("budget", "sink_tokens", "window", "slack", mode="before")
+    @field_validator("budget", "sink_tokens", "window", "slack", "prefill_chunk", mode="before")
     @classmethod
     def _non_negative_int(cls, value: Any, info: Any) -> int:
         # bool is an int subclass and floats like 2048.5 would be truncated silently: refuse both.
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"must be an integer; got {value!r} ({type(value).__name__})")
-        if value < 0 or (info.field_name == "budget" and value == 0):
-            low = "> 0" if info.field_name == "budget" else ">= 0"
+        positive = info.field_name in ("budget", "prefill_chunk")
+        if value < 0 or (positive and value == 0):
+            low = "> 0" if positive else ">= 0"
             raise ValueError(f"must be an integer {low}; got {value}")
         return value
 
@@ -251,6 +259,47 @@ class EvictionConfig(BaseModel):
         """The most entries a request holds between compactions."""
         return self.budget + self.slack
 
+    @property
+    def first_prefill_point(self) -> int:
+        """With prefill_eviction: the first multiple of prefill_chunk past the cap, where
+        prefill compaction starts."""
+        return (self.cap // self.prefill_chunk + 1) * self.prefill_chunk
+
+    def prefill_stop(self, num_computed_tokens: int, num_prompt_tokens: int) -> int | None:
+        """The logical length a prefill chunk starting at `num_computed_tokens` must not pass
+        (the next prefill compaction point), or None when nothing stops it."""
+        if not (self.evicts and self.prefill_eviction) or num_computed_tokens >= num_prompt_tokens:
+            return None
+        c, chunk = num_computed_tokens, self.prefill_chunk
+        stop = max(self.first_prefill_point, (c // chunk + 1) * chunk)
+        return stop if stop < num_prompt_tokens else None
+
+    def prefill_segment(self, num_computed_tokens: int, num_prompt_tokens: int) -> tuple[int, int]:
+        """[start, end) of the prefill segment that holds the token at `num_computed_tokens`:
+        between compaction points (prefill_eviction), else the whole prompt."""
+        stop = self.prefill_stop(num_computed_tokens, num_prompt_tokens)
+        end = num_prompt_tokens if stop is None else stop
+        start = 0
+        if self.evicts and self.prefill_eviction and num_computed_tokens >= self.first_prefill_point:
+            start = num_computed_tokens // self.prefill_chunk * self.prefill_chunk
+        return start, end
+
+    @property
+    def bounded_length(self) -> int | None:
+        """The most entries any request of this server holds at once, when the server bounds
+        every request: prefill eviction on, and requests may not opt out. Then vLLM's start-up
+        check that one max_model_len fits in the pool is made against this instead."""
+        if not (self.evicts and self.prefill_eviction and self.request_override == "deny"):
+            return None
+        return self.cap + self.prefill_chunk
+
+    def peak_length(self, num_tokens: int) -> int:
+        """The most entries a request of `num_tokens` (prompt + output) holds at once."""
+        if not self.evicts:
+            return num_tokens
+        bound = self.cap + self.prefill_chunk if self.prefill_eviction else None
+        return num_tokens if bound is None else min(num_tokens, bound)
+
     def may_evict(self, num_prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a request of this prompt and max_tokens is ever compacted: exact, so a
         request that never is keeps vanilla behaviour (prefix cache included).
@@ -259,6 +308,8 @@ class EvictionConfig(BaseModel):
         c > budget + slack. The last output token is sampled, never computed, so the largest
         boundary is prompt + max_tokens - 2 (and with max_tokens 1 there is none after the
         prompt)."""
+        if self.evicts and self.prefill_eviction and self.first_prefill_point < num_prompt_tokens:
+            return True  # compacted during prefill
         return (self.evicts and max_tokens >= 2
                 and num_prompt_tokens + max_tokens - 2 > self.cap)
 
@@ -274,18 +325,56 @@ class EvictionConfig(BaseModel):
         than the previous boundary's length plus the tokens computed since, so the scheduler and
         the workers agree without talking.
         """
-        c = num_computed_tokens
-        if not self.evicts or c <= self.cap or c < num_prompt_tokens:
+        c, prompt = num_computed_tokens, num_prompt_tokens
+        if not self.evicts or c <= self.cap:
             return c
-        return self.budget + (c - self.cap - 1) % (self.slack + 1)
+        if not self.prefill_eviction:
+            if c < prompt:
+                return c
+            return self.budget + (c - self.cap - 1) % (self.slack + 1)
+        # Prefill eviction: compacted to the budget at every multiple of prefill_chunk from the
+        # first past the cap, then grown by the chunk's tokens.
+        chunk, first = self.prefill_chunk, self.first_prefill_point
+        if c < prompt:
+            return c if c < first else self.budget + c % chunk
+        # After the prompt: what its end holds, grown one token per step and compacted back
+        # to the budget whenever it would pass the cap (the same cycle as without).
+        if prompt <= first:
+            held_at_prompt = prompt
+        else:
+            last_point = (prompt - 1) // chunk * chunk
+            held_at_prompt = self.budget + (prompt - last_point)
+        first_decode_compaction = prompt + max(0, self.cap + 1 - held_at_prompt)
+        if c < first_decode_compaction:
+            return held_at_prompt + (c - prompt)
+        return self.budget + (c - first_decode_compaction) % (self.slack + 1)
+
+    def prefix_hit_limit(self, num_prompt_tokens: int) -> int:
+        """The most prompt tokens a prefix-cache hit may cover for a request that may be
+        compacted: the policy must compute every prompt query it reads
+        (Policy.prompt_queries_read), so that a cached request selects what a cold one does.
+        0: the request does not read the cache (it still publishes its prompt pages)."""
+        read = self.build_policy().prompt_queries_read(num_prompt_tokens)
+        if read is None:
+            return 0
+        limit = num_prompt_tokens - read
+        if self.prefill_eviction and self.first_prefill_point < num_prompt_tokens:
+            # The cold request compacts at the first point, with the queries before it.
+            limit = min(limit, self.first_prefill_point - max(read, 1))
+        return max(0, limit)
 
     def build_policy(self):
         """This config's policy object, with its policy_args."""
-        return get_policy_class(self.policy)(**self.policy_args.get(self.policy, {}))
+        policy = get_policy_class(self.policy)(**self.policy_args.get(self.policy, {}))
+        if self.prefill_eviction:
+            policy.segments = self.prefill_segment
+        return policy
 
     def describe(self) -> str:
         text = (f"policy={self.policy} budget={self.budget} sink_tokens={self.sink_tokens} "
                 f"window={self.window} slack={self.slack}")
+        if self.prefill_eviction:
+            text += f" prefill_eviction=on prefill_chunk={self.prefill_chunk}"
         if self.policy_args:
             text += f" policy_args={json.dumps(self.policy_args, sort_keys=True)}"
         if self.request_override == "deny":

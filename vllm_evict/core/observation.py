@@ -99,6 +99,10 @@ class Observation:
     """Per layer [kv_heads, n] bool: which held entries (physical 0 .. n - 1) attention may see
     (pyramidkv's per-layer budgets; None: all). The layer's output is recomputed with the
     others masked; entries written since (n and later) are always visible."""
+    private_scores: list[torch.Tensor] | None = None
+    """Per layer [capacity, kv_heads] float32, by physical position: the request's own scores
+    while its pages may be shared with other requests (prefix caching, before its first
+    compaction), where the paged buffer would mix their statistics; None: the paged buffer."""
 
 
 @dataclass
@@ -211,15 +215,18 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
                 out = torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(hi - lo, -1, dim)
                 output[first + lo:first + hi] = out.to(output.dtype)
             weights += probs[max(0, observed - lo):].sum(dim=(0, 2))
-        slots = page_slots(block_table[ob.row], seq, page_size)
+        if ob.private_scores is not None:
+            target, slots = ob.private_scores[layer], torch.arange(seq, device=query.device)
+        else:
+            target, slots = scores, page_slots(block_table[ob.row], seq, page_size)
         if ob.kind is Observe.LATEST:
-            scores[slots] = weights.T
+            target[slots] = weights.T
             continue
         # ACCUMULATE and WINDOW add to what the held tokens had; new tokens start from zero.
-        scores[slots if ob.window_starts else slots[seq - n:]] = 0
-        scores[slots] += weights.T
+        target[slots if ob.window_starts else slots[seq - n:]] = 0
+        target[slots] += weights.T
         if ob.kind is Observe.WINDOW and ob.window_ends:
-            scores[slots] = window_scores_reference(scores[slots].T[None], ob.pool_kernel).T
+            target[slots] = window_scores_reference(target[slots].T[None], ob.pool_kernel).T
 
 
 def add_query_moments(plan: StepPlan, ob: Observation, layer: int, query: torch.Tensor) -> None:
@@ -262,7 +269,8 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
     batch, rest = [], []
     for ob in observations:
         one_query = starts[ob.row + 1] - starts[ob.row] == 1
-        if one_query and ob.kind in (Observe.ACCUMULATE, Observe.LATEST):
+        if one_query and ob.kind in (Observe.ACCUMULATE, Observe.LATEST) \
+                and ob.private_scores is None:
             batch.append(ob)
         else:
             rest.append(ob)

@@ -33,6 +33,10 @@ class RequestEvictionState:
     """False when prompt + max_tokens never passes the cap: no statistics are measured."""
     query_moments: QueryMoments = field(default_factory=QueryMoments)
     """Running query statistics (expected attention); empty for other policies."""
+    private_scores: list[torch.Tensor] | None = None
+    """Per layer [capacity, kv_heads] float32 attention statistic by physical position, used
+    instead of the paged buffer while the request's pages may be shared (prefix caching, until
+    its first compaction moves the kept scores to its private pages)."""
 
     def __post_init__(self) -> None:
         try:
@@ -51,6 +55,22 @@ class RequestEvictionState:
         self.positions_known_until = 0
         self.visible = None
         self.query_moments = QueryMoments()
+        self.private_scores = None
+
+    def private_scores_for(self, length: int, layers: int, heads: int,
+                           device: torch.device) -> list[torch.Tensor]:
+        """The private score buffers, grown (doubling, contents kept) to hold `length`."""
+        current = self.private_scores
+        if current is not None and current[0].shape[0] >= length:
+            return current
+        capacity = max(length, 2 * current[0].shape[0] if current is not None else 0)
+        grown = [torch.zeros(capacity, heads, dtype=torch.float32, device=device)
+                 for _ in range(layers)]
+        if current is not None:
+            for new, old in zip(grown, current, strict=True):
+                new[: old.shape[0]] = old
+        self.private_scores = grown
+        return grown
 
     def visible_positions(self) -> list[list[list[int]]]:
         """[layer][kv_head] logical positions attention sees, as of the last compaction."""

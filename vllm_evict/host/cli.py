@@ -38,6 +38,8 @@ _FLAGS: dict[str, str] = {
     "kv_budget_min": "budget_min",
     "kv_budget_max": "budget_max",
     "kv_policy_args": "policy_args",
+    "kv_prefill_eviction": "prefill_eviction",
+    "kv_prefill_chunk": "prefill_chunk",
 }
 
 
@@ -79,6 +81,17 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        help="Smallest budget a request may ask for. Default sinks + window + 1.")
     group.add_argument("--kv-budget-max", type=int, default=argparse.SUPPRESS, metavar="N",
                        help="Largest budget a request may ask for. Default: no limit.")
+    group.add_argument("--kv-prefill-eviction", action="store_true", default=argparse.SUPPRESS,
+                       help="Compact during prefill too, every --kv-prefill-chunk prompt tokens "
+                       "once past budget + slack, so a request never holds more than about "
+                       "budget + slack + chunk entries however long its prompt. Choose it for "
+                       "prompts near or beyond the KV pool; without it compaction starts after "
+                       "the prompt, and a request's peak is its prompt. With "
+                       "--kv-request-override deny it also lets the server start with a pool "
+                       "smaller than one --max-model-len. Off by default.")
+    group.add_argument("--kv-prefill-chunk", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="With --kv-prefill-eviction: prefill stops and compacts at every "
+                       f"multiple of N past the cap. Default {defaults.prefill_chunk}.")
     group.add_argument("--kv-policy-args", default=argparse.SUPPRESS, metavar="JSON",
                        help="Per-policy parameters, applied to every request that runs the "
                        'policy, e.g. \'{"snapkv": {"observation_window": 32}, "pyramidkv": '

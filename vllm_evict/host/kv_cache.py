@@ -1,10 +1,16 @@
 """KV cache spec + manager that hold a request's pages at its physical length.
 
-The manager is vLLM's FullAttentionManager plus one rule: before each allocation, a request
-that evicts keeps only the pages that `EvictionConfig.physical_length` needs and returns the
-rest (always the tail: kept tokens are compacted to the front by the workers in the same step).
-Allocation then counts physical, not logical, tokens. Requests that never pass their cap behave
-exactly as in vLLM, prefix caching included.
+The manager is vLLM's FullAttentionManager plus two rules for a request that evicts:
+- Before each allocation it keeps only the pages that `EvictionConfig.physical_length` needs
+  and returns the rest (always the tail: kept tokens are compacted to the front by the workers
+  in the same step). Allocation then counts physical, not logical, tokens.
+- Copy on write, with prefix caching on. Until its first compaction the request's pages hold
+  exactly vanilla's KV, so it reads and publishes prefix-cache pages like any request. Its first
+  compaction writes to fresh private pages: they are allocated first and lead this step's new
+  page ids, and every page held before goes back to the pool (a cached page stays cached,
+  untouched). The workers apply the same rule (runner.py), so no message is needed. Pages
+  allocated later are private and never published, so later compactions work in place.
+Requests that never pass their cap behave exactly as in vLLM.
 """
 
 from __future__ import annotations
@@ -32,6 +38,17 @@ class EvictableAttentionSpec(FullAttentionSpec):
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
         return cls(**fields)
 
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """What one request can hold. vLLM's start-up check that one max_model_len fits in the
+        pool uses this: on a server that bounds every request (EvictionConfig.bounded_length)
+        the bound must fit instead, so a pool smaller than one max_model_len can start."""
+        cfg = EvictionConfig.from_additional_config(vllm_config.additional_config)
+        bound = cfg.bounded_length if cfg is not None else None
+        full = super().max_memory_usage_bytes(vllm_config)
+        if bound is None:
+            return full
+        return min(full, (cdiv(bound, self.block_size) + 1) * self.page_size_bytes)
+
 
 @extends(why="free the pages past a request's physical length")
 class EvictionKVCacheManager(FullAttentionManager):
@@ -45,6 +62,13 @@ class EvictionKVCacheManager(FullAttentionManager):
         super().__init__(*args, **kwargs)
         self.evicted: dict[str, int] = {}  # request -> logical minus physical length
         self.pages_freed: dict[str, int] = {}  # request -> pages returned mid-flight
+        # request -> fresh pages its first compaction writes to (allocated with this step's)
+        self.pending_copy_on_write: dict[str, int] = {}
+
+    @property
+    def copies_on_write(self) -> bool:
+        """With prefix caching, a request's pages may be shared until its first compaction."""
+        return self.enable_caching
 
     def physical_tokens(self, request_id: str, num_tokens: int) -> int:
         return num_tokens - self.evicted.get(request_id, 0)
@@ -57,10 +81,23 @@ class EvictionKVCacheManager(FullAttentionManager):
             return
         physical = cfg.physical_length(processed_computed_tokens, num_prompt_tokens or 0)
         evicted = processed_computed_tokens - physical
-        newly_evicted = evicted - self.evicted.get(request_id, 0)
+        before = self.evicted.get(request_id, 0)
+        newly_evicted = evicted - before
         self.evicted[request_id] = evicted
-        blocks = self.req_to_blocks.get(request_id)
         keep = cdiv(physical, self.block_size)
+        if self.copies_on_write and request_id in self.pending_copy_on_write:
+            # A retry in the same step (allocation failed, something was preempted): the same
+            # boundary, still pending.
+            self.pending_copy_on_write[request_id] = keep
+            return
+        if self.copies_on_write and before == 0 and evicted > 0:
+            # The first compaction: its pages may be in the prefix cache or shared with other
+            # requests. They are released in allocate_new_blocks, once the fresh pages exist
+            # (so a fresh page is never one the compaction still reads).
+            self.pending_copy_on_write[request_id] = keep
+            self._count(cfg, newly_evicted, 0)
+            return
+        blocks = self.req_to_blocks.get(request_id)
         freed = 0
         if blocks is not None and len(blocks) > keep:
             tail = blocks[keep:]
@@ -68,32 +105,62 @@ class EvictionKVCacheManager(FullAttentionManager):
             self.block_pool.free_blocks(reversed(tail))
             freed = len(tail)
             self.pages_freed[request_id] = self.pages_freed.get(request_id, 0) + freed
-        if newly_evicted > 0 and self.counts_metrics:
+        self._count(cfg, newly_evicted, freed)
+
+    def _count(self, cfg: EvictionConfig, newly_evicted: int, freed: int) -> None:
+        if self.counts_metrics and (newly_evicted > 0 or freed > 0):
             m = metrics()
-            m.compactions.labels(cfg.policy).inc()
-            m.tokens_evicted.labels(cfg.policy).inc(newly_evicted)
+            if newly_evicted > 0:
+                m.compactions.labels(cfg.policy).inc()
+                m.tokens_evicted.labels(cfg.policy).inc(newly_evicted)
             m.pages_freed.inc(freed)
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
+        cfg = self.eviction_configs.get(request_id)
+        if cfg is not None and kwargs.get("apply_admission_cap"):
+            # Admission (vLLM's whole-prompt-must-fit check): a prefill-evicting request never
+            # holds more than its peak.
+            num_tokens = cfg.peak_length(num_tokens)
+        if request_id in self.pending_copy_on_write:
+            # Every page of the compacted layout is new; the held ones are freed afterwards.
+            return cdiv(self.physical_tokens(request_id, num_tokens), self.block_size)
         return super().get_num_blocks_to_allocate(
             request_id, self.physical_tokens(request_id, num_tokens), *args, **kwargs)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        return super().allocate_new_blocks(
+        fresh = []
+        if request_id in self.pending_copy_on_write:
+            # Not recorded for worker-side zeroing: the compaction writes every slot of these.
+            fresh = self.block_pool.get_new_blocks(self.pending_copy_on_write.pop(request_id))
+            held = self.req_to_blocks[request_id]
+            self.req_to_blocks[request_id] = list(fresh)
+            self.num_cached_block[request_id] = 0  # nothing of the new layout is published
+            self.block_pool.free_blocks(reversed(held))
+            freed = len(held) - len(fresh)
+            self.pages_freed[request_id] = self.pages_freed.get(request_id, 0) + freed
+            if self.counts_metrics:
+                metrics().pages_freed.inc(max(freed, 0))
+        new = super().allocate_new_blocks(
             request_id,
             self.physical_tokens(request_id, num_tokens),
             self.physical_tokens(request_id, num_tokens_main_model),
         )
+        return fresh + new if fresh else new
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
-        # Compaction rewrites a request's pages, so they must never be published by hash.
-        if request.request_id in self.eviction_configs:
+        # Until its first compaction an evicting request's pages hold vanilla's KV, so they are
+        # published like any request's (its prompt included); after it they never are.
+        rid = request.request_id
+        if rid in self.eviction_configs and (
+                not self.copies_on_write or self.evicted.get(rid, 0) > 0
+                or rid in self.pending_copy_on_write):
             return
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def pop_blocks_for_free(self, request_id: str):
         self.evicted.pop(request_id, None)
         self.pages_freed.pop(request_id, None)
+        self.pending_copy_on_write.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 

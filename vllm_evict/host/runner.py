@@ -4,7 +4,9 @@ Two hooks, both at the step boundary:
   _update_states: before vLLM applies the scheduler's output (which appends new pages and may
       hand pages this step freed to other requests), compact every scheduled request whose held
       length passes `physical_length(num_computed_tokens)` and drop the pages the scheduler
-      freed from its block-table row.
+      freed from its block-table row. With prefix caching, a request's first compaction writes
+      to fresh pages (copy on write, host/kv_cache.py): they lead this step's new page ids, and
+      the row drops every page it held before.
   _prepare_inputs: after vLLM computed logical positions, make `seq_lens` and `slot_mapping`
       physical by subtracting each request's `evicted` count. Positions stay logical (RoPE).
 """
@@ -28,6 +30,8 @@ from vllm_evict.kernels.compaction import apply_compaction, compaction_indices
 from vllm_evict.kernels.paged import cdiv, gather_paged
 
 logger = logging.getLogger("vllm.evict")
+PAGED_SCORE_KINDS = (stats.Observe.ACCUMULATE, stats.Observe.LATEST, stats.Observe.WINDOW)
+"""The observations that write an attention statistic per held entry."""
 
 
 class EvictionRunnerMixin:
@@ -166,6 +170,12 @@ class EvictionRunnerMixin:
             if observation is not None:
                 observation.visible = state.visible
                 observation.moments = state.query_moments
+                if observation.kind in PAGED_SCORE_KINDS and state.evicted == 0 \
+                        and self.cache_config.enable_prefix_caching:
+                    # Its pages may be another request's too until its first compaction.
+                    key0 = self._kv_views()[0][0]
+                    observation.private_scores = state.private_scores_for(
+                        computed + scheduled, len(self._kv_views()), key0.shape[1], key0.device)
                 observations.append(observation)
         if not observations:
             return None
@@ -210,9 +220,14 @@ class EvictionRunnerMixin:
                 continue  # the scheduler leaves its pages alone too: vanilla behaviour
             computed = cached.num_computed_tokens[i]
             target = state.config.physical_length(computed, self.requests[req_id].num_prompt_tokens)
+            keep_pages = cdiv(target, self._eviction_page_size)
             if computed - state.evicted > target:
-                due.append((req_id, state, computed, target))
-            trims.append((req_id, cdiv(target, self._eviction_page_size)))
+                fresh = None
+                if self.cache_config.enable_prefix_caching and state.evicted == 0:
+                    fresh = self._copy_on_write_pages(req_id, cached.new_block_ids[i], keep_pages)
+                    keep_pages = 0  # the fresh pages arrive with this step's new page ids
+                due.append((req_id, state, computed, target, fresh))
+            trims.append((req_id, keep_pages))
         if due:
             started = time.perf_counter()
             self._compact(due)
@@ -223,6 +238,18 @@ class EvictionRunnerMixin:
         # out again in this very step.
         for req_id, keep_pages in trims:
             self._drop_freed_pages(req_id, self.requests[req_id], keep_pages)
+
+    @staticmethod
+    def _copy_on_write_pages(req_id: str, new_block_ids, count: int) -> list[int]:
+        """The fresh pages the scheduler allocated for a first compaction: the first `count`
+        of this step's new page ids (EvictionKVCacheManager.allocate_new_blocks)."""
+        pages = list(new_block_ids[0]) if new_block_ids is not None else []
+        if len(pages) < count:
+            raise RuntimeError(
+                f"vllm-evict: request {req_id} compacts for the first time with prefix caching "
+                f"on, so it needs {count} fresh pages from the scheduler, but this step brings "
+                f"{len(pages)}; the scheduler and the workers disagree (a plugin bug)")
+        return pages[:count]
 
     def _kv_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views, and the float32 score buffers laid out like the pages."""
@@ -240,15 +267,17 @@ class EvictionRunnerMixin:
                 for k, _ in self._eviction_views]
         return self._eviction_views
 
-    def _compact(self, due: list[tuple[str, RequestEvictionState, int, int]]) -> None:
-        """Compact every (request, state, computed, target) due in this step: each request's
-        selection on the device that holds the cache, then one move per layer for all of them."""
+    def _compact(self, due: list[tuple[str, RequestEvictionState, int, int, list[int] | None]]
+                 ) -> None:
+        """Compact every (request, state, computed, target, fresh pages) due in this step: each
+        request's selection on the device that holds the cache, then one move per layer for all
+        of them. Fresh pages (copy on write) receive the kept entries; None: in place."""
         # One KV cache group: checked when the KV cache was set up (_check_supported).
         views = self._kv_views()
         key0 = views[0][0]
         num_layers, num_heads, page_size = len(views), key0.shape[1], key0.shape[2]
-        page_lists, keeps = [], []
-        for req_id, state, computed, target in due:
+        page_lists, keeps, fresh_lists, private = [], [], [], []
+        for req_id, state, computed, target, fresh in due:
             held = computed - state.evicted
             pages = self.requests[req_id].block_ids[0]
             page_ids = torch.tensor(pages[: cdiv(held, page_size)], dtype=torch.int64,
@@ -259,11 +288,17 @@ class EvictionRunnerMixin:
             keep = keep.to(key0.device)
             page_lists.append(page_ids)
             keeps.append(keep)
+            fresh_lists.append(None if fresh is None else
+                               torch.tensor(fresh, dtype=torch.int64, device=key0.device))
+            if state.private_scores is not None:  # goes with its first compaction's pages
+                private.append((fresh_lists[-1], keep, state.private_scores))
+                state.private_scores = None
             state.record_compaction(positions.gather(-1, keep), computed, visible)
             if self.eviction_dump is not None:
                 self.eviction_dump.write(req_id, self.eviction_step, computed,
                                          state.visible_positions())
-        if key0.is_cuda:  # in place, without a temporary copy (kernels/triton_compaction.py)
+        copies = any(f is not None for f in fresh_lists)
+        if key0.is_cuda and not copies:  # in place, no temporary (kernels/triton_compaction.py)
             from vllm_evict.kernels.triton_compaction import batch_tables, compact
 
             table, kept, counts = batch_tables(page_lists, keeps)
@@ -271,10 +306,15 @@ class EvictionRunnerMixin:
                 compact(key, value, self._score_buffers[layer].permute(0, 2, 1), table,
                         kept[layer], counts)
             return
-        indices = compaction_indices(page_lists, keeps, page_size)
+        # CPU, and a step with a copy-on-write compaction on GPU (a request's first only).
+        indices = compaction_indices(page_lists, keeps, page_size, fresh_lists)
         for layer, (key, value) in enumerate(views):
             score_view = self._score_buffers[layer].permute(0, 2, 1)  # [blocks, heads, page]
             apply_compaction([key, value, score_view.unsqueeze(-1)], layer, indices)
+        for fresh, keep, scores in private:
+            slots = stats.page_slots(fresh, keep.shape[-1], page_size)
+            for layer, buf in enumerate(self._score_buffers):
+                buf.view(-1, num_heads)[slots] = scores[layer].T.gather(-1, keep[layer]).T
 
     def _selection_input(self, req_id: str, state: RequestEvictionState, computed: int,
                          target: int, page_ids: torch.Tensor,
@@ -288,6 +328,8 @@ class EvictionRunnerMixin:
             keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views])
         if statistic is Statistic.QUERY_MOMENTS:
             values = torch.stack([gather_paged(v, page_ids, held) for _, v in views])
+        elif statistic not in (Statistic.NONE, Statistic.KEYS) and state.private_scores is not None:
+            scores = torch.stack([buf[:held].T for buf in state.private_scores])
         elif statistic not in (Statistic.NONE, Statistic.KEYS):
             slots = stats.page_slots(page_ids, held, self._eviction_page_size)
             num_heads = views[0][0].shape[1]

@@ -2,13 +2,16 @@
 
 It resolves the config of every new request (server default + `vllm_xargs`) and shares the
 requests that will be compacted with the KV cache managers, which then cap their pages. Such
-requests neither read nor publish prefix-cache pages: compaction rewrites them in place.
+requests publish their prompt pages and read cached ones (copy on write, kv_cache.py), except
+that a cache hit never covers a prompt query the policy reads (EvictionConfig.prefix_hit_limit):
+a cached request selects exactly what a cold one does.
 """
 
 from __future__ import annotations
 
 import logging
 
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_evict.core.config import EvictionConfig
@@ -26,6 +29,7 @@ class EvictionScheduler(Scheduler):
         self.eviction_default = EvictionConfig.from_additional_config(
             self.vllm_config.additional_config) or EvictionConfig()
         self.eviction_configs: dict[str, EvictionConfig] = {}
+        self.prefix_hit_limits: dict[str, int] = {}  # request -> most tokens a hit may cover
         self.eviction_managers = [
             m for m in self.kv_cache_manager.coordinator.single_type_managers
             if isinstance(m, EvictionKVCacheManager)
@@ -38,6 +42,11 @@ class EvictionScheduler(Scheduler):
         for manager in self.eviction_managers:
             manager.eviction_configs = self.eviction_configs
         self.eviction_managers[0].counts_metrics = True
+        # Prefill eviction stops an evicting request's prefill chunk at its next compaction
+        # point; vLLM's one per-request chunk hook is the Mamba block-aligned split.
+        self._vanilla_aligned_split = self.need_mamba_block_aligned_split
+        if self.eviction_default.prefill_eviction:
+            self.need_mamba_block_aligned_split = True
         logger.info("vllm-evict scheduler ready: %s", self.eviction_default.describe())
 
     def add_request(self, request) -> None:
@@ -46,8 +55,47 @@ class EvictionScheduler(Scheduler):
             metrics().requests.labels(cfg.policy).inc()
             if cfg.may_evict(request.num_prompt_tokens, request.max_tokens):
                 self.eviction_configs[request.request_id] = cfg
-                request.skip_reading_prefix_cache = True
+                limit = self._prefix_hit_limit(request, cfg)
+                if limit == 0:
+                    request.skip_reading_prefix_cache = True
+                elif limit < request.num_prompt_tokens:
+                    self.prefix_hit_limits[request.request_id] = limit
         super().add_request(request)
+
+    @staticmethod
+    def _prefix_hit_limit(request, cfg: EvictionConfig) -> int:
+        try:
+            return cfg.prefix_hit_limit(request.num_prompt_tokens)
+        except Exception:  # a third-party policy that cannot be built: it will fall back
+            return 0
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens: int,
+                                   num_new_local_computed_tokens: int = 0,
+                                   num_external_computed_tokens: int = 0) -> int:
+        if self._vanilla_aligned_split:
+            num_new_tokens = super()._mamba_block_aligned_split(
+                request, num_new_tokens, num_new_local_computed_tokens,
+                num_external_computed_tokens)
+        cfg = self.eviction_configs.get(request.request_id)
+        if cfg is not None:
+            start = (request.num_computed_tokens + num_new_local_computed_tokens
+                     + num_external_computed_tokens)
+            stop = cfg.prefill_stop(start, request.num_prompt_tokens)
+            if stop is not None:  # > start, so a waiting request always gets a chunk
+                num_new_tokens = min(num_new_tokens, stop - start)
+        return num_new_tokens
+
+    def _get_local_prefix_cache_hit(self, request):
+        blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
+        limit = self.prefix_hit_limits.get(request.request_id)
+        if limit is not None and hit > limit:
+            # Cut the hit back to whole pages below the first prompt query the policy reads.
+            page = self.eviction_managers[0].block_size
+            keep = limit // page
+            blocks = KVCacheBlocks(tuple(list(group[:keep]) for group in blocks.blocks))
+            hit = keep * page
+            boundary = min(boundary, hit)
+        return blocks, hit, boundary, diverged
 
     def _resolve(self, request) -> EvictionConfig:
         extra_args = request.sampling_params.extra_args if request.sampling_params else None
@@ -64,6 +112,7 @@ class EvictionScheduler(Scheduler):
 
     def _free_blocks(self, request) -> None:
         cfg = self.eviction_configs.pop(request.request_id, None)
+        self.prefix_hit_limits.pop(request.request_id, None)
         if cfg is not None:
             self._log_finished(request, cfg)
         super()._free_blocks(request)

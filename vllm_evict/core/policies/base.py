@@ -12,6 +12,7 @@ is the same.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -72,6 +73,8 @@ class Policy:
     statistic: ClassVar[Statistic] = Statistic.NONE
     heads: str = "per_head"
     """One of HEAD_MODES; each policy's default is the measured better one (docs/quality.md)."""
+    segments: ClassVar[Callable[[int, int], tuple[int, int]] | None] = None
+    """Set per instance by EvictionConfig.build_policy (not a policy argument)."""
 
     def __post_init__(self) -> None:
         if self.heads not in HEAD_MODES:
@@ -87,6 +90,25 @@ class Policy:
         if self.statistic is Statistic.LATEST_QUERY_ATTENTION:
             return Observation(row, Observe.LATEST)
         return None  # NONE and KEYS need nothing on the attention path; QUERY_MOMENTS overrides
+
+    def prefill_segment(self, num_computed_tokens: int, num_prompt_tokens: int) -> tuple[int, int]:
+        """[start, end) of the prefill segment that holds the next token: the span between two
+        prefill compaction points with prefill eviction, else the whole prompt. Segment-window
+        statistics (snapkv's last queries) end at `end`. The config binds its own rule
+        (EvictionConfig.build_policy)."""
+        if self.segments is not None:
+            return self.segments(num_computed_tokens, num_prompt_tokens)
+        return 0, num_prompt_tokens
+
+    def prompt_queries_read(self, num_prompt_tokens: int) -> int | None:
+        """How many of the prompt's last queries this policy's statistics read; None: all of
+        them. A prefix-cache hit skips computing its tokens' queries, so an evicting request
+        reads the cache only up to `prompt - this` (none at all for None), and a cached request
+        selects exactly what a cold one does. The last prompt token is always computed, which
+        covers the latest-query and key statistics."""
+        if self.statistic in (Statistic.ACCUMULATED_ATTENTION, Statistic.QUERY_MOMENTS):
+            return None
+        return 0
 
     def score(self, inp: SelectionInput) -> torch.Tensor:
         """[layers, kv_heads, P] scores; higher is kept. By default the measured statistic."""

@@ -16,17 +16,24 @@ class SnapKVPolicy(Policy):
     observation_window: int = 64
     pool_kernel: int = 5
 
+    def prompt_queries_read(self, num_prompt_tokens: int) -> int | None:
+        # At most the window; a prefill segment's window is within its own segment.
+        return min(self.observation_window, num_prompt_tokens)
+
     def observation(self, row: int, num_computed_tokens: int, num_scheduled_tokens: int,
                     num_prompt_tokens: int) -> Observation | None:
         """The prompt's last `observation_window` queries, summed (and max-pooled in the chunk
-        where the prompt ends); after the prompt, every decode query accumulates."""
+        where the prompt ends); after the prompt, every decode query accumulates. With prefill
+        eviction each prefill segment's last queries (within the segment) vote for the
+        compaction at its end, as kvpress's chunked presses do."""
         computed, prompt = num_computed_tokens, num_prompt_tokens
         if computed >= prompt:
             return Observation(row, Observe.ACCUMULATE)
-        end = computed + num_scheduled_tokens
-        window_start = max(0, prompt - self.observation_window)
+        end = computed + num_scheduled_tokens  # never past the segment's end (the scheduler)
+        segment_start, segment_end = self.prefill_segment(computed, prompt)
+        window_start = max(segment_start, segment_end - self.observation_window)
         if end <= window_start:
             return None  # this prefill chunk holds no window query
         return Observation(row, Observe.WINDOW, window_from=max(0, window_start - computed),
-                           window_starts=computed <= window_start, window_ends=end >= prompt,
-                           pool_kernel=self.pool_kernel)
+                           window_starts=computed <= window_start,
+                           window_ends=end >= segment_end, pool_kernel=self.pool_kernel)

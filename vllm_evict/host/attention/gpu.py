@@ -77,10 +77,11 @@ def plan_launches(observations: list[stats.Observation], starts: list[int], leng
 
 
 def needs_torch_path(ob: stats.Observation) -> bool:
-    """Hidden entries (the output is recomputed with a mask) and query moments (expected
-    attention: batched matmuls, no attention weights) take the torch path of
-    core/observation.py."""
-    return ob.visible is not None or ob.kind is stats.Observe.QUERY_MOMENTS
+    """Hidden entries (the output is recomputed with a mask), query moments (expected
+    attention: batched matmuls, no attention weights) and private scores (a request whose pages
+    may be shared, until its first compaction) take the torch path of core/observation.py."""
+    return (ob.visible is not None or ob.kind is stats.Observe.QUERY_MOMENTS
+            or ob.private_scores is not None)
 
 
 def observe_layer(plan: stats.StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor,

@@ -1,0 +1,115 @@
+"""Prefill eviction: compaction between prefill chunks, at fixed logical points.
+
+A server whose every request is bounded (prefill eviction on, requests may not opt out) starts
+with a KV pool smaller than one max_model_len, which vanilla vLLM refuses, and serves a prompt
+four times larger than the whole pool. Its kept sets match Hugging Face with the kept mask
+across the chunk compactions, and its tokens are the same alone and under load.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.conftest import run_engine_job
+from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.dump import read_dump, records_for
+from vllm_evict.core.oracle import compare, load_reference_model
+
+pytestmark = pytest.mark.engine
+
+PAGE = 32
+POOL_PAGES = 24  # 768 tokens: the whole KV pool
+PROMPT_LEN = 4 * POOL_PAGES * PAGE  # 3,072 tokens
+TOLERANCE = 1e-4
+SERVER = {"policy": "snapkv", "budget": 128, "sink_tokens": 4, "window": 16, "slack": 16,
+          "prefill_eviction": True, "prefill_chunk": 64, "request_override": "deny"}
+SAMPLING = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+LONG = _tokens(200, PROMPT_LEN)
+OTHERS = [_tokens(201, 700), _tokens(202, 900)]
+
+
+def _engine(model: str, server: dict | None) -> dict:
+    engine = {"model": model, "max_model_len": PROMPT_LEN + 128, "dtype": "float32",
+              "enforce_eager": True, "seed": 0, "block_size": PAGE,
+              "max_num_batched_tokens": 256, "num_gpu_blocks_override": POOL_PAGES}
+    if server is not None:
+        engine["additional_config"] = {"kv_eviction": server}
+    return engine
+
+
+def _request(prompt: list[int]) -> dict:
+    return {"prompt_token_ids": prompt, "sampling": SAMPLING, "extra_args": None}
+
+
+@pytest.fixture(scope="module")
+def bounded(tiny_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("prefill_eviction")
+    spec = {"engine": _engine(tiny_model, SERVER), "phases": [
+        {"requests": [_request(LONG)], "reset_prefix_cache": True},
+        {"requests": [_request(p) for p in (OTHERS[0], LONG, OTHERS[1])],
+         "reset_prefix_cache": True},
+    ]}
+    out = run_engine_job(spec, work / "evict", dump_dir=work / "dump")
+    return {"alone": out["results"][0], "loaded": out["results"][2],
+            "records": read_dump(work / "dump"), "log": out["log"]}
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    return load_reference_model(tiny_model)
+
+
+def test_vanilla_cannot_start_with_this_pool(tiny_model, tmp_path):
+    with pytest.raises(AssertionError, match="To serve at least one request with the model's "
+                                             "max seq len"):
+        run_engine_job({"engine": _engine(tiny_model, None), "requests": []},
+                       tmp_path / "vanilla", vanilla=True, timeout=300)
+
+
+def test_the_check_is_relaxed_only_when_every_request_is_bounded(tiny_model, tmp_path):
+    """Requests that may opt out could need the whole max_model_len: vLLM's check stands."""
+    open_server = {**SERVER, "request_override": "allow"}
+    with pytest.raises(AssertionError, match="max seq len"):
+        run_engine_job({"engine": _engine(tiny_model, open_server), "requests": []},
+                       tmp_path / "open", timeout=300)
+
+
+def test_a_prompt_four_times_the_pool_is_served(bounded):
+    alone = bounded["alone"]
+    assert len(alone["token_ids"]) == SAMPLING["max_tokens"]
+    records = records_for(bounded["records"], alone["request_id"])
+    cfg = EvictionConfig(**SERVER)
+    prefill = [r["logical_len"] for r in records if r["logical_len"] < PROMPT_LEN]
+    # Compacted at every multiple of 64 from the first past the cap (144) to the prompt's end.
+    assert prefill == list(range(cfg.first_prefill_point, PROMPT_LEN, cfg.prefill_chunk))
+    for rec in records:
+        assert all(len(head) == cfg.physical_length(rec["logical_len"], PROMPT_LEN)
+                   for layer in rec["kept"] for head in layer)
+
+
+def test_the_oracle_holds_across_chunk_compactions(bounded, hf_model):
+    alone = bounded["alone"]
+    records = records_for(bounded["records"], alone["request_id"])
+    report = compare(hf_model, LONG, alone["token_ids"], alone["logprobs"], records)
+    assert report["max_abs_dlogprob"] <= TOLERANCE, report
+    # Negative control: judged with only the compactions after the prompt (as if prefill had
+    # kept everything), the same output must fail.
+    late = [r for r in records if r["logical_len"] >= PROMPT_LEN]
+    wrong = compare(hf_model, LONG, alone["token_ids"], alone["logprobs"], late)
+    assert wrong["max_abs_dlogprob"] > 100 * TOLERANCE, wrong
+
+
+def test_the_same_tokens_alone_and_under_load(bounded):
+    alone, loaded = bounded["alone"], bounded["loaded"]
+    assert loaded["token_ids"] == alone["token_ids"]
+    assert max(abs(a - b) for a, b in zip(loaded["logprobs"], alone["logprobs"],
+                                          strict=True)) <= TOLERANCE
