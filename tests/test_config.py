@@ -219,4 +219,4 @@ def test_prefill_eviction_limits_the_prefix_hit_to_before_the_first_point():
     assert cfg.prefix_hit_limit(1000) == 127
     assert cfg.model_copy(update={"policy": "snapkv"}).prefix_hit_limit(1000) == 128 - 64
     assert cfg.model_copy(update={"policy": "h2o"}).prefix_hit_limit(1000) == 0
-    assert cfg.model_copy(update={"prefill_eviction": False}).prefix_hit_limit(1000) == 1000
+    assert cfg.model_copy(update={"prefill_eviction": False}).prefix_hit_limit(1000) == 999

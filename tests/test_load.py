@@ -230,7 +230,9 @@ async def test_preempted_eviction_requests_restart_and_finish(server):
             break
         await asyncio.sleep(0.2)
     preempted = re.findall(r"vllm-evict: request \S+ preempted at (\d+) tokens", new_log)
-    assert preempted and all(int(n) > 300 for n in preempted), new_log[-3000:]  # mid-decode
+    # After the prompt: mid-decode, or at the first compaction (300 tokens), whose copy on
+    # write needs fresh pages before it returns the shared ones.
+    assert preempted and all(int(n) >= 300 for n in preempted), new_log[-3000:]
     done = re.findall(pattern, new_log)
     assert sorted(p for p, _ in done) == sorted(policies)
     assert all(int(n) == 300 + 699 for _, n in done)  # every token computed (last one never fed)

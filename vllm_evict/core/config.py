@@ -357,7 +357,9 @@ class EvictionConfig(BaseModel):
         read = self.build_policy().prompt_queries_read(num_prompt_tokens)
         if read is None:
             return 0
-        limit = num_prompt_tokens - read
+        # Never past the prompt: a preempted request replays its outputs, and a hit that
+        # reached a compaction boundary would skip the compaction.
+        limit = num_prompt_tokens - max(read, 1)
         if self.prefill_eviction and self.first_prefill_point < num_prompt_tokens:
             # The cold request compacts at the first point, with the queries before it.
             limit = min(limit, self.first_prefill_point - max(read, 1))

@@ -95,8 +95,7 @@ class EvictionKVCacheManager(FullAttentionManager):
             # requests. They are released in allocate_new_blocks, once the fresh pages exist
             # (so a fresh page is never one the compaction still reads).
             self.pending_copy_on_write[request_id] = keep
-            self._count(cfg, newly_evicted, 0)
-            return
+            return  # counted once the fresh pages exist (allocate_new_blocks)
         blocks = self.req_to_blocks.get(request_id)
         freed = 0
         if blocks is not None and len(blocks) > keep:
@@ -138,8 +137,9 @@ class EvictionKVCacheManager(FullAttentionManager):
             self.block_pool.free_blocks(reversed(held))
             freed = len(held) - len(fresh)
             self.pages_freed[request_id] = self.pages_freed.get(request_id, 0) + freed
-            if self.counts_metrics:
-                metrics().pages_freed.inc(max(freed, 0))
+            cfg = self.eviction_configs.get(request_id)
+            if cfg is not None:
+                self._count(cfg, self.evicted.get(request_id, 0), max(freed, 0))
         new = super().allocate_new_blocks(
             request_id,
             self.physical_tokens(request_id, num_tokens),

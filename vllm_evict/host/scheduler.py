@@ -58,7 +58,7 @@ class EvictionScheduler(Scheduler):
                 limit = self._prefix_hit_limit(request, cfg)
                 if limit == 0:
                     request.skip_reading_prefix_cache = True
-                elif limit < request.num_prompt_tokens:
+                else:
                     self.prefix_hit_limits[request.request_id] = limit
         super().add_request(request)
 
