@@ -40,8 +40,8 @@ DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 DEFAULT_RESULTS = ROOT / ".cache" / "quality" / "results.jsonl"
 FULL_CACHE = "none"  # the policy name that keeps every token
 SERVER_ARGS = ["--kv-eviction", FULL_CACHE, "--enforce-eager",
-               # Each request computes its whole prompt: no cross-request reuse between the
-               # baseline and the evicting runs (evicting requests never use the prefix cache).
+               # Each request computes its whole prompt, so every condition's latency counts
+               # the same prefill (a hit would select the same tokens: tests/test_prefix_cache).
                "--no-enable-prefix-caching"]
 SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
               "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
