@@ -170,12 +170,11 @@ class EvictionRunnerMixin:
             if observation is not None:
                 observation.visible = state.visible
                 observation.moments = state.query_moments
-                if observation.kind in PAGED_SCORE_KINDS and state.evicted == 0 \
-                        and self.cache_config.enable_prefix_caching:
-                    # Its pages may be another request's too until its first compaction.
-                    key0 = self._kv_views()[0][0]
+                if observation.kind in PAGED_SCORE_KINDS and self._pages_may_be_shared(state):
+                    views = self._kv_views()
+                    key0 = views[0][0]
                     observation.private_scores = state.private_scores_for(
-                        computed + scheduled, len(self._kv_views()), key0.shape[1], key0.device)
+                        computed + scheduled, len(views), key0.shape[1], key0.device)
                 observations.append(observation)
         if not observations:
             return None
@@ -223,7 +222,7 @@ class EvictionRunnerMixin:
             keep_pages = cdiv(target, self._eviction_page_size)
             if computed - state.evicted > target:
                 fresh = None
-                if self.cache_config.enable_prefix_caching and state.evicted == 0:
+                if self._pages_may_be_shared(state):
                     fresh = self._copy_on_write_pages(req_id, cached.new_block_ids[i], keep_pages)
                     keep_pages = 0  # the fresh pages arrive with this step's new page ids
                 due.append((req_id, state, computed, target, fresh))
@@ -238,6 +237,12 @@ class EvictionRunnerMixin:
         # out again in this very step.
         for req_id, keep_pages in trims:
             self._drop_freed_pages(req_id, self.requests[req_id], keep_pages)
+
+    def _pages_may_be_shared(self, state: RequestEvictionState) -> bool:
+        """With prefix caching, until its first compaction (the scheduler's twin:
+        EvictionKVCacheManager.copies_on_write): its scores go to a private buffer and that
+        compaction copies on write."""
+        return self.cache_config.enable_prefix_caching and state.evicted == 0
 
     @staticmethod
     def _copy_on_write_pages(req_id: str, new_block_ids, count: int) -> list[int]:
