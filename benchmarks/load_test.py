@@ -1,12 +1,16 @@
 """A longer load test than tests/test_load.py: many concurrent long requests against one real
 `vllm serve`, with mixed policies and budgets, full-cache requests, aborts mid-stream and
-client disconnects, in a KV pool small enough to force preemption. Run twice on the same server
-and prompts: once with the eviction mix, once with every request on the full cache.
+client disconnects, in a KV pool small enough to force preemption. The same prompts four times,
+at the same pool: vanilla vLLM (VLLM_PLUGINS=""); the plugin with the eviction mix and with
+every request on the full cache (one server); and the eviction mix on a server with
+`--kv-prefill-eviction` (compaction between prefill chunks, so no evicting request ever holds
+more than budget + slack + chunk).
 
     .venv/bin/python benchmarks/load_test.py [--model DIR] [--requests 48] [--concurrency 12]
 
-Reports requests, concurrency, preemptions, aborts, p50/p99 latency with and without eviction
-and pages leaked (pool usage once idle), into docs/results/load_test.{json,png}.
+Reports requests, concurrency, preemptions, aborts, p50/p99 latency and pages leaked (pool
+usage once idle) per run, and preemptions as a ratio to vanilla's, into
+docs/results/load_test.{json,png}.
 """
 
 from __future__ import annotations
@@ -45,15 +49,16 @@ def plan(args) -> list[dict]:
     return jobs
 
 
-async def run_load(server: VllmServer, model: str, jobs: list[dict], evict: bool, concurrency: int):
+async def run_load(server: VllmServer, model: str, jobs: list[dict], mode: str, concurrency: int):
+    """mode: "evict" (each job's policy), "full_cache" (kv_eviction none), "vanilla" (no xargs)."""
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     gate = asyncio.Semaphore(concurrency)
     latencies, outcomes = [], {"finished": 0, "aborted": 0, "disconnected": 0, "failed": 0}
 
     async def one(job: dict) -> None:
-        xargs = {"kv_eviction": job["policy"], "kv_budget": job["budget"]} if evict else \
-            {"kv_eviction": "none"}
-        body = {"ignore_eos": True, "vllm_xargs": xargs}
+        xargs = {"kv_eviction": job["policy"], "kv_budget": job["budget"]} if mode == "evict" \
+            else {"kv_eviction": "none"}
+        body = {"ignore_eos": True, **({"vllm_xargs": xargs} if mode != "vanilla" else {})}
         async with gate:
             started = time.perf_counter()
             try:
@@ -106,20 +111,23 @@ async def run_load(server: VllmServer, model: str, jobs: list[dict], evict: bool
 def plot(result: dict) -> None:
     plt = pyplot()
 
-    labels = ["without eviction", "with eviction"]
-    runs = [result["full_cache"], result["evict"]]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    labels = list(result["runs"])
+    runs = list(result["runs"].values())
+    colors = ["#999999", "#bbbbbb", "#2a7ab0", "#1b4f72"][:len(runs)]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, (title, key) in zip(axes, [("p50 latency (s)", "p50_s"), ("p99 latency (s)", "p99_s"),
                                         ("preemptions", "preemptions")], strict=True):
         values = [r[key] or 0 for r in runs]
-        ax.bar(labels, values, color=["#999999", "#2a7ab0"])
+        ax.bar(range(len(labels)), values, color=colors)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:g}", ha="center", va="bottom", fontsize=9)
     cfg = result["config"]
+    leaked = ", ".join(f"{r['pages_leaked']}" for r in runs)
     fig.suptitle(f"{cfg['requests']} requests, concurrency {cfg['concurrency']}, pool "
-                 f"{cfg['pages']} pages; pages leaked: {result['evict']['pages_leaked']} / "
-                 f"{result['full_cache']['pages_leaked']}", fontsize=10)
+                 f"{cfg['pages']} pages x 32, prefill chunk {cfg['prefill_chunk']}; pages leaked "
+                 f"per run: {leaked}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, RESULTS / "load_test.png")
 
@@ -133,26 +141,43 @@ def main() -> None:
     ap.add_argument("--prompt-range", type=int, nargs=2, default=[300, 900])
     ap.add_argument("--output-range", type=int, nargs=2, default=[64, 256])
     ap.add_argument("--full-cache-share", type=float, default=0.25)
+    ap.add_argument("--prefill-chunk", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     serve = ["--enforce-eager", "--max-model-len", "1536", "--block-size", "32",
              "--num-gpu-blocks-override", str(args.pages), "--max-num-batched-tokens", "512",
-             "--max-num-seqs", str(args.concurrency), "--kv-eviction", "none", "--kv-window", "16",
-             "--kv-slack", "32"]
-    server = VllmServer(args.model, serve, ROOT / ".cache" / "bench-load.log")
-    server.pages = args.pages
-    try:
-        jobs = plan(args)
-        evict = asyncio.run(run_load(server, args.model, jobs, True, args.concurrency))
-        full = asyncio.run(run_load(server, args.model, jobs, False, args.concurrency))
-    finally:
-        server.stop()
-    result = {"config": vars(args), "evict": evict, "full_cache": full,
-              "p50_ratio_evict_over_full": round(evict["p50_s"] / full["p50_s"], 3),
-              "p99_ratio_evict_over_full": round(evict["p99_s"] / full["p99_s"], 3)}
+             "--max-num-seqs", str(args.concurrency)]
+    plugin = [*serve, "--kv-eviction", "none", "--kv-window", "16", "--kv-slack", "32"]
+    jobs = plan(args)
+    runs = {}
+
+    def load(label: str, flags: list[str], env: dict, modes: dict[str, str]) -> None:
+        server = VllmServer(args.model, flags, ROOT / ".cache" / f"bench-load-{label}.log",
+                            env=env)
+        server.pages = args.pages
+        try:
+            for name, mode in modes.items():
+                runs[name] = asyncio.run(run_load(server, args.model, jobs, mode,
+                                                  args.concurrency))
+                print(name, runs[name], flush=True)
+        finally:
+            server.stop()
+
+    load("vanilla", serve, {"VLLM_PLUGINS": ""}, {"vanilla": "vanilla"})
+    load("plugin", plugin, {}, {"plugin, full cache": "full_cache", "eviction": "evict"})
+    load("prefill", [*plugin, "--kv-prefill-eviction", "--kv-prefill-chunk",
+                     str(args.prefill_chunk)], {}, {"eviction + prefill eviction": "evict"})
+    base = runs["vanilla"]
+    result = {"config": vars(args), "runs": runs,
+              "over_vanilla": {name: {
+                  "preemptions": round(r["preemptions"] / base["preemptions"], 3)
+                  if base["preemptions"] else None,
+                  "p50_s": round(r["p50_s"] / base["p50_s"], 3),
+                  "p99_s": round(r["p99_s"] / base["p99_s"], 3)}
+                  for name, r in runs.items() if name != "vanilla"}}
     print(write_json("load_test", result))
     plot(result)
-    print(result)
+    print(result["over_vanilla"])
 
 
 if __name__ == "__main__":

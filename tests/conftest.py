@@ -46,18 +46,23 @@ def tiny_gemma3() -> str:
 
 
 def run_engine_job(spec: dict, workdir: Path, *, vanilla: bool = False,
-                   dump_dir: Path | None = None, timeout: int = 600) -> dict:
-    """Run tests/helpers/engine_job.py in a fresh process; vanilla=True disables every plugin."""
+                   dump_dir: Path | None = None, page_trace_dir: Path | None = None,
+                   timeout: int = 600) -> dict:
+    """Run tests/helpers/engine_job.py in a fresh process; vanilla=True disables every plugin.
+    dump_dir / page_trace_dir: where the plugin writes kept positions / pages per step."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = workdir / "spec.json", workdir / "out.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.pop("VLLM_EVICT_DUMP_DIR", None)
+    env.pop("VLLM_EVICT_PAGE_TRACE_DIR", None)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # offline engines must not write a server's metrics
     if vanilla:
         env["VLLM_PLUGINS"] = ""
     if dump_dir is not None:
         env["VLLM_EVICT_DUMP_DIR"] = str(dump_dir)
+    if page_trace_dir is not None:
+        env["VLLM_EVICT_PAGE_TRACE_DIR"] = str(page_trace_dir)
     log = workdir / "engine.log"
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, "-m", "tests.helpers.engine_job", str(spec_path),

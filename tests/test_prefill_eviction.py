@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import run_engine_job
 from vllm_evict.core.config import EvictionConfig
-from vllm_evict.core.dump import read_dump, records_for
+from vllm_evict.core.dump import read_dump, read_page_trace, records_for
 from vllm_evict.core.oracle import compare, load_reference_model
 
 pytestmark = pytest.mark.engine
@@ -58,9 +58,11 @@ def bounded(tiny_model, tmp_path_factory):
         {"requests": [_request(p) for p in (OTHERS[0], LONG, OTHERS[1])],
          "reset_prefix_cache": True},
     ]}
-    out = run_engine_job(spec, work / "evict", dump_dir=work / "dump")
+    out = run_engine_job(spec, work / "evict", dump_dir=work / "dump",
+                         page_trace_dir=work / "pages")
     return {"alone": out["results"][0], "loaded": out["results"][2],
-            "records": read_dump(work / "dump"), "log": out["log"]}
+            "records": read_dump(work / "dump"), "pages": read_page_trace(work / "pages"),
+            "log": out["log"]}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,21 @@ def test_a_prompt_four_times_the_pool_is_served(bounded):
     for rec in records:
         assert all(len(head) == cfg.physical_length(rec["logical_len"], PROMPT_LEN)
                    for layer in rec["kept"] for head in layer)
+
+
+def test_the_peak_stays_within_budget_slack_and_chunk(bounded):
+    """From the scheduler's own block lists at every step (VLLM_EVICT_PAGE_TRACE_DIR)."""
+    alone = bounded["alone"]
+    steps = records_for(bounded["pages"], alone["request_id"])
+    cfg = EvictionConfig(**SERVER)
+    # The trace covers the whole request: every prefill chunk and every output token.
+    assert steps[-1]["logical_len"] == PROMPT_LEN + SAMPLING["max_tokens"] - 1
+    assert {s["logical_len"] for s in steps} >= set(range(cfg.first_prefill_point, PROMPT_LEN,
+                                                          cfg.prefill_chunk))
+    bound = -(-(cfg.cap + cfg.prefill_chunk) // PAGE)
+    assert max(s["pages"] for s in steps) <= bound < POOL_PAGES
+    # Negative control: the same steps held at their logical length (no eviction) break it.
+    assert max(-(-s["logical_len"] // PAGE) for s in steps) > 4 * bound
 
 
 def test_the_oracle_holds_across_chunk_compactions(bounded, hf_model):

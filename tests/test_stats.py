@@ -119,3 +119,46 @@ def test_batched_decode_equals_each_request_alone():
     assert not torch.allclose(batched, untouched)  # every request wrote its scores
     obs[1].kind = stats.Observe.LATEST  # a wrong kind must change the result
     assert not torch.allclose(run(obs, one_by_one=False)[0], batched)
+
+
+def test_deferred_decode_queries_equal_measuring_each_step():
+    """h2o/snapkv decode steps on CPU buffer their queries (PendingQueries) and fold them in
+    at the next compaction: the scores then equal those measured step by step, in every
+    layer, own entries starting from zero."""
+    g = torch.Generator().manual_seed(11)
+    layers, first_len, steps = 2, 17, 6
+    keys = [torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g) for _ in range(layers)]
+    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
+    table[0] = torch.randperm(BLOCKS, generator=g).to(torch.int32)
+    queries = [torch.randn(1, HEADS * GROUP, DIM, generator=g) for _ in range(steps)]
+    caches = [torch.empty(1) for _ in range(layers)]
+    initial = [torch.rand(BLOCKS, PAGE, HEADS, generator=g) for _ in range(layers)]
+
+    def run(pending):
+        scores = [s.clone() for s in initial]
+        for t, query in enumerate(queries):
+            ob = stats.Observation(0, stats.Observe.ACCUMULATE, pending=pending)
+            plan = stats.StepPlan([ob], scores, {c.data_ptr(): i for i, c in enumerate(caches)})
+            for layer in range(layers):
+                stats.observe_layer(plan, caches[layer], keys[layer], value, query,
+                                    torch.zeros_like(query), torch.tensor([0, 1]),
+                                    torch.tensor([first_len + t]), table, 0.25)
+            stats.finish_step(plan)
+        return scores
+
+    each_step = run(None)
+    pending = stats.PendingQueries()
+    deferred = run(pending)
+    assert len(pending) == steps and pending.lengths == list(range(first_len, first_len + steps))
+    assert all(torch.equal(d, s) for d, s in zip(deferred, initial, strict=True))  # not yet
+    stats.flush_pending_queries(pending, deferred, keys, table[0], PAGE)
+    assert len(pending) == 0
+    for d, e, s in zip(deferred, each_step, initial, strict=True):
+        assert torch.allclose(d, e, atol=1e-5)
+        assert not torch.allclose(d, s)
+    # Negative control: folded in against the other layer's keys, the scores differ.
+    swapped_pending = stats.PendingQueries()
+    swapped = run(swapped_pending)
+    stats.flush_pending_queries(swapped_pending, swapped, keys[::-1], table[0], PAGE)
+    assert not torch.allclose(swapped[0], each_step[0], atol=1e-3)

@@ -41,3 +41,41 @@ def records_for(records: list[dict], request_id: str) -> list[dict]:
     ("0" becomes "0-97f732ea"), so both forms match."""
     return [r for r in records
             if r["request_id"] == request_id or r["request_id"].startswith(f"{request_id}-")]
+
+
+PAGE_TRACE_DIR_ENV = "VLLM_EVICT_PAGE_TRACE_DIR"
+
+
+class PageTrace:
+    """VLLM_EVICT_PAGE_TRACE_DIR=path: the scheduler writes, for every step, the pages each
+    running request holds during that step's forward pass, as JSON lines
+    {step, request_id, logical_len, pages}. Exact (the scheduler's own block lists), not
+    sampled, so a request's peak is the maximum over its lines."""
+
+    def __init__(self, directory: str) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / f"pages-pid{os.getpid()}.jsonl"
+        self.step = 0
+
+    @classmethod
+    def from_env(cls) -> PageTrace | None:
+        directory = os.environ.get(PAGE_TRACE_DIR_ENV)
+        return cls(directory) if directory else None
+
+    def write(self, rows: list[tuple[str, int, int]]) -> None:
+        """rows: (request_id, logical_len after this step, pages held) per running request."""
+        self.step += 1
+        if not rows:
+            return
+        with self.path.open("a") as f:
+            for request_id, logical_len, pages in rows:
+                f.write(json.dumps({"step": self.step, "request_id": request_id,
+                                    "logical_len": logical_len, "pages": pages}) + "\n")
+
+
+def read_page_trace(directory: str | os.PathLike) -> list[dict]:
+    records = []
+    for file in sorted(Path(directory).glob("pages-*.jsonl")):
+        records += [json.loads(line) for line in file.read_text().splitlines() if line]
+    return records

@@ -79,6 +79,32 @@ class QueryMoments:
         return mean.float(), cov.float()
 
 
+PENDING_QUERIES_LIMIT = 32
+"""Deferred decode queries a request buffers before they are folded into its scores anyway
+(bounds the buffer: layers x q_heads x head_dim each)."""
+
+
+@dataclass
+class PendingQueries:
+    """One request's decode queries whose accumulated attention (ACCUMULATE) is not yet in its
+    scores. Between two compactions nothing moves a held entry and a query's attention depends
+    only on the entries it saw (physical 0 .. length - 1), so measuring them all at once, right
+    before the compaction reads the scores (flush_pending_queries), gives what measuring each
+    in its own step gives, with one batched product per layer instead of one per step."""
+
+    queries: list[torch.Tensor] = field(default_factory=list)
+    """Each [layers, q_heads, head_dim], as the attention layers received them (after RoPE)."""
+    lengths: list[int] = field(default_factory=list)
+    """Physical length each query saw, its own entry included."""
+    scale: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def clear(self) -> None:
+        self.queries, self.lengths = [], []
+
+
 @dataclass
 class Observation:
     row: int
@@ -103,6 +129,9 @@ class Observation:
     """Per layer [capacity, kv_heads] float32, by physical position: the request's own scores
     while its pages may be shared with other requests (prefix caching, before its first
     compaction), where the paged buffer would mix their statistics; None: the paged buffer."""
+    pending: PendingQueries | None = None
+    """ACCUMULATE on one decode query: buffer the query here instead of measuring it now
+    (PendingQueries); None: measure in this step."""
 
 
 @dataclass
@@ -177,6 +206,7 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
     if "decode" not in plan.derived:  # once per step, reused by every layer
         starts, lengths = host_layout(plan, query_start_loc, seq_lens)
         plan.derived["moments"], others = split_moments(plan.observations, starts, plan.rope)
+        plan.derived["deferred"], others = split_deferred(others, starts, lengths)
         plan.derived["decode"], plan.derived["each"] = split_decode(
             others, starts, lengths, block_table, page_size)
     decode: DecodeBatch | None = plan.derived["decode"]
@@ -185,6 +215,9 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
     moments: MomentsBatch | None = plan.derived.get("moments")
     if moments is not None:
         moments.observe(layer, len(plan.score_buffers), query)
+    deferred: DeferredBatch | None = plan.derived.get("deferred")
+    if deferred is not None:
+        deferred.observe(layer, len(plan.score_buffers), query, scale)
     starts, lengths = host_layout(plan, query_start_loc, seq_lens)
     for ob in plan.derived["each"]:
         first, last, seq = starts[ob.row], starts[ob.row + 1], lengths[ob.row]
@@ -279,6 +312,78 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
     return decode_batch(batch, starts, lengths, block_table, page_size), rest
 
 
+def split_deferred(observations: list[Observation], starts: list[int], lengths: list[int]
+                   ) -> tuple[DeferredBatch | None, list[Observation]]:
+    """(the one-query ACCUMULATE observations that buffer their query, the rest)."""
+    batch = [ob for ob in observations if ob.pending is not None
+             and ob.kind is Observe.ACCUMULATE and ob.visible is None
+             and ob.private_scores is None and starts[ob.row + 1] - starts[ob.row] == 1]
+    if not batch:
+        return None, observations
+    rest = [ob for ob in observations if all(ob is not b for b in batch)]
+    return DeferredBatch(batch, torch.tensor([starts[ob.row] for ob in batch]),
+                         [lengths[ob.row] for ob in batch]), rest
+
+
+@dataclass
+class DeferredBatch:
+    """This step's deferred decode queries: every layer copies them into one buffer with one
+    index, and the end of the step hands each request its column (finish_step)."""
+
+    observations: list[Observation]
+    tokens: torch.Tensor
+    """[B] the query's row in the step's query tensor."""
+    lengths: list[int]
+    buffer: torch.Tensor | None = None
+    """[layers, B, q_heads, D]"""
+    scale: float = 1.0
+
+    def observe(self, layer: int, num_layers: int, query: torch.Tensor, scale: float) -> None:
+        self.tokens = self.tokens.to(query.device)  # a no-op after the first layer
+        if self.buffer is None:
+            self.buffer = query.new_zeros(num_layers, len(self.observations), *query.shape[1:])
+        self.buffer[layer] = query[self.tokens]
+        self.scale = scale
+
+    def finish(self) -> None:
+        if self.buffer is None:
+            return  # the forward never reached an observed layer
+        for b, ob in enumerate(self.observations):
+            ob.pending.queries.append(self.buffer[:, b])
+            ob.pending.lengths.append(self.lengths[b])
+            ob.pending.scale = self.scale
+
+
+def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Tensor],
+                          key_views: list[torch.Tensor], block_row: torch.Tensor,
+                          page_size: int) -> None:
+    """Add the buffered queries' attention to the request's scores (the paged buffer at its
+    pages in block_row) and empty the buffer: per layer one product of all
+    of them against the entries the longest saw, each query masked to its own length. Each
+    query's own entry starts from zero, as in observe_decode_batch."""
+    if not pending.queries:
+        return
+    device = key_views[0].device
+    queries = torch.stack(pending.queries).to(device)  # [k, layers, q_heads, D]
+    lengths = torch.tensor(pending.lengths, device=device)
+    longest = max(pending.lengths)
+    k, kv_heads, dim = queries.shape[0], key_views[0].shape[1], key_views[0].shape[3]
+    pages = block_row[: cdiv(longest, page_size)].long()
+    slots = page_slots(block_row, longest, page_size)
+    unseen = torch.arange(longest, device=device)[None, :] >= lengths[:, None]  # [k, S]
+    own = slots[lengths - 1]
+    for layer, key_view in enumerate(key_views):
+        keys = gather_paged(key_view, pages, longest).float()  # [kv_heads, S, D]
+        q = queries[:, layer].float().view(k, kv_heads, -1, dim).transpose(0, 1)
+        logits = torch.bmm(q.reshape(kv_heads, -1, dim), keys.transpose(1, 2))
+        logits = logits.mul_(pending.scale).view(kv_heads, k, -1, longest)
+        logits.masked_fill_(unseen[None, :, None, :], float("-inf"))
+        target = score_buffers[layer].view(-1, kv_heads)
+        target[own] = 0
+        target[slots] += torch.softmax(logits, -1).sum(dim=(1, 2)).T
+    pending.clear()
+
+
 def split_moments(observations: list[Observation], starts: list[int], rope: RopeTable | None
                   ) -> tuple[MomentsBatch | None, list[Observation]]:
     """(the one-query QUERY_MOMENTS observations past their skipped queries as a MomentsBatch,
@@ -329,6 +434,8 @@ def finish_step(plan: StepPlan | None) -> None:
         return
     if plan.derived.get("moments") is not None:
         plan.derived["moments"].finish()
+    if plan.derived.get("deferred") is not None:
+        plan.derived["deferred"].finish()
     for value in plan.derived.values():
         if isinstance(value, StepPlan):
             finish_step(value)

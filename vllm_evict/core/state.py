@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_evict.core.config import EvictionConfig
-from vllm_evict.core.observation import QueryMoments
+from vllm_evict.core.observation import PendingQueries, QueryMoments
 from vllm_evict.core.policies import Policy
 
 logger = logging.getLogger("vllm.evict")
@@ -33,6 +33,8 @@ class RequestEvictionState:
     """False when prompt + max_tokens never passes the cap: no statistics are measured."""
     query_moments: QueryMoments = field(default_factory=QueryMoments)
     """Running query statistics (expected attention); empty for other policies."""
+    pending_queries: PendingQueries = field(default_factory=PendingQueries)
+    """Decode queries (ACCUMULATE) measured at the next compaction, not in their own step."""
     private_scores: list[torch.Tensor] | None = None
     """Per layer [capacity, kv_heads] float32 attention statistic by physical position, used
     instead of the paged buffer while the request's pages may be shared (prefix caching, until
@@ -55,6 +57,7 @@ class RequestEvictionState:
         self.positions_known_until = 0
         self.visible = None
         self.query_moments = QueryMoments()
+        self.pending_queries = PendingQueries()
         self.private_scores = None
 
     def private_scores_for(self, length: int, layers: int, heads: int,

@@ -15,6 +15,7 @@ from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_evict.core.config import EvictionConfig
+from vllm_evict.core.dump import PageTrace
 from vllm_evict.host.kv_cache import EvictionKVCacheManager
 from vllm_evict.host.metrics import metrics
 from vllm_evict.host.patching import extends
@@ -47,7 +48,18 @@ class EvictionScheduler(Scheduler):
         self._vanilla_aligned_split = self.need_mamba_block_aligned_split
         if self.eviction_default.prefill_eviction:
             self.need_mamba_block_aligned_split = True
+        self.page_trace = PageTrace.from_env()
         logger.info("vllm-evict scheduler ready: %s", self.eviction_default.describe())
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        if self.page_trace is not None:
+            # After scheduling: this step's pages are allocated and its evicted tail freed, and
+            # num_computed_tokens already counts the tokens this step computes.
+            held = self.eviction_managers[0].req_to_blocks
+            self.page_trace.write([(r.request_id, r.num_computed_tokens, len(held.get(r.request_id, ())))
+                                   for r in self.running])
+        return output
 
     def add_request(self, request) -> None:
         if request.request_id not in self.requests:
