@@ -8,9 +8,10 @@ One fixed pool (`--num-gpu-blocks-override`), three configurations of real `vllm
   - the plugin, default mode (compaction after the prompt);
   - the plugin with `--kv-prefill-eviction --kv-request-override deny`.
 Each is first started with `--max-model-len` = the model's context; vanilla vLLM and the
-default mode refuse (one max_model_len must fit in the pool), and are then started with
-max_model_len = the pool. Every started server gets prompts of 1x, 2x, 4x and 8x the pool
-(whatever its max_model_len admits). Pages held come from the scheduler's own block lists
+default mode refuse (one max_model_len must fit in the pool), and are then started with the
+largest that fits (the pool less vLLM's null page). Every started server gets prompts of that
+size and of 2x, 4x and 8x the pool (up to the model's context; whatever its max_model_len
+admits), each plus `--max-tokens` output tokens. Pages held come from the scheduler's own block lists
 (VLLM_EVICT_PAGE_TRACE_DIR, every step), not from sampling /metrics; vanilla vLLM has no
 plugin, so its pages are its length in pages. Writes docs/results/long_prompts.{json,png}.
 """
@@ -40,24 +41,29 @@ def start(label: str, args, max_model_len: int, extra: list[str], env: dict
     flags = ["--enforce-eager", "--max-model-len", str(max_model_len), "--block-size",
              str(args.page_size), "--num-gpu-blocks-override", str(args.pages),
              "--max-num-batched-tokens", "512", *extra]
+    log = ROOT / ".cache" / f"bench-long-{label}-{max_model_len}.log"
     try:
-        return VllmServer(args.model, flags, ROOT / ".cache" / f"bench-long-{label}.log",
-                          env=env), None
+        return VllmServer(args.model, flags, log, env=env), None
     except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines()
-                 if "max_model_len" in line or "KV cache" in line]
-        return None, (lines[-1] if lines else str(exc).splitlines()[0])[-400:]
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+                 if line.startswith(("ValueError", "AssertionError"))]
+        return None, (lines[-1] if lines else str(exc).splitlines()[0])[:400]
 
 
-def serve_prompts(server: VllmServer, args, max_model_len: int, xargs: dict | None) -> list[dict]:
+def usable_tokens(args) -> int:
+    """What one request can hold in the pool: vLLM keeps one page back (the null block)."""
+    return (args.pages - 1) * args.page_size
+
+
+def serve_prompts(server: VllmServer, args, xargs: dict | None) -> list[dict]:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
                            timeout=600)
     pool = args.pages * args.page_size
+    fits = usable_tokens(args)
     rows = []
     for multiple in (1, 2, 4, 8):
-        prompt_len = min(multiple * pool, args.model_len) - args.max_tokens - 8
-        if prompt_len + args.max_tokens > max_model_len or (rows and rows[-1]["prompt_len"] >= prompt_len):
-            continue
+        whole = fits if multiple == 1 else min(multiple * pool, args.model_len)
+        prompt_len = whole - args.max_tokens  # past max_model_len: the server's own 400
         rng = random.Random(multiple)
         prompt = [rng.randrange(100, 20000) for _ in range(prompt_len)]
         started = time.perf_counter()
@@ -97,13 +103,14 @@ def run_config(label: str, args, extra: list[str], env: dict, xargs: dict | None
     if server is None:
         out["refused_at_model_len"] = {"max_model_len": args.model_len, "reason": refused}
         print(label, "refused:", refused, flush=True)
-        max_model_len = pool
-        server, refused = start(label, args, pool, extra, env)
+        max_model_len = usable_tokens(args)
+        server, refused = start(label, args, max_model_len, extra, env)
         if server is None:
-            raise RuntimeError(f"{label} does not start even at max_model_len={pool}: {refused}")
+            raise RuntimeError(f"{label} does not start even at max_model_len={max_model_len}: "
+                               f"{refused}")
     out["max_model_len"] = max_model_len
     with server:
-        out["prompts"] = serve_prompts(server, args, max_model_len, xargs)
+        out["prompts"] = serve_prompts(server, args, xargs)
     served = [r["prompt_len"] for r in out["prompts"] if r["served"]]
     out["largest_prompt_served"] = max(served, default=0)
     out["largest_over_pool"] = round(out["largest_prompt_served"] / pool, 2)

@@ -213,10 +213,12 @@ def test_prefill_compaction_points_do_not_depend_on_chunking(
     assert compactions(sizes_a) == compactions(sizes_b)
 
 
-def test_prefill_eviction_limits_the_prefix_hit_to_before_the_first_point():
+def test_prefill_eviction_keeps_requests_compacted_in_their_prompt_out_of_the_prefix_cache():
     cfg = EvictionConfig(policy="tova", budget=100, slack=10, window=8, prefill_eviction=True,
                          prefill_chunk=64)
-    assert cfg.prefix_hit_limit(1000) == 127
-    assert cfg.model_copy(update={"policy": "snapkv"}).prefix_hit_limit(1000) == 128 - 64
-    assert cfg.model_copy(update={"policy": "h2o"}).prefix_hit_limit(1000) == 0
+    assert cfg.first_prefill_point == 128
+    assert not cfg.shares_pages(129) and cfg.prefix_hit_limit(1000) == 0
+    assert cfg.shares_pages(128) and cfg.prefix_hit_limit(128) == 127  # compacted after it
+    assert cfg.model_copy(update={"policy": "snapkv"}).prefix_hit_limit(128) == 128 - 64
+    assert cfg.model_copy(update={"policy": "h2o"}).prefix_hit_limit(128) == 0
     assert cfg.model_copy(update={"prefill_eviction": False}).prefix_hit_limit(1000) == 999

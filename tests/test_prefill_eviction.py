@@ -37,10 +37,10 @@ LONG = _tokens(200, PROMPT_LEN)
 OTHERS = [_tokens(201, 700), _tokens(202, 900)]
 
 
-def _engine(model: str, server: dict | None) -> dict:
+def _engine(model: str, server: dict | None, pool_pages: int = POOL_PAGES) -> dict:
     engine = {"model": model, "max_model_len": PROMPT_LEN + 128, "dtype": "float32",
               "enforce_eager": True, "seed": 0, "block_size": PAGE,
-              "max_num_batched_tokens": 256, "num_gpu_blocks_override": POOL_PAGES}
+              "max_num_batched_tokens": 256, "num_gpu_blocks_override": pool_pages}
     if server is not None:
         engine["additional_config"] = {"kv_eviction": server}
     return engine
@@ -111,6 +111,20 @@ def test_the_peak_stays_within_budget_slack_and_chunk(bounded):
     assert max(s["pages"] for s in steps) <= bound < POOL_PAGES
     # Negative control: the same steps held at their logical length (no eviction) break it.
     assert max(-(-s["logical_len"] // PAGE) for s in steps) > 4 * bound
+
+
+def test_a_pool_just_above_the_bound_serves_it_with_prefix_caching_on(tiny_model, tmp_path):
+    """Prefix caching is on (vLLM's default). A request compacted during its prompt keeps out
+    of the prefix cache, so its first compaction is in place: copying on write would need
+    the first point's pages (6) and the compacted ones (6) at once, 12 of these 9 usable
+    pages, and the request would preempt itself at that point forever."""
+    cfg = EvictionConfig(**SERVER)
+    pool = -(-(cfg.cap + cfg.prefill_chunk) // PAGE) + 2  # the bound, vLLM's null page, 1 spare
+    assert cfg.first_prefill_point // PAGE + -(-cfg.budget // PAGE) + 2 > pool - 1
+    out = run_engine_job({"engine": _engine(tiny_model, SERVER, pool), "requests": [_request(LONG)]},
+                         tmp_path / "small", timeout=300)
+    assert len(out["results"][0]["token_ids"]) == SAMPLING["max_tokens"]
+    assert "preempted" not in out["log"]
 
 
 def test_the_oracle_holds_across_chunk_compactions(bounded, hf_model):

@@ -354,16 +354,23 @@ class EvictionConfig(BaseModel):
         compacted: the policy must compute every prompt query it reads
         (Policy.prompt_queries_read), so that a cached request selects what a cold one does.
         0: the request does not read the cache (it still publishes its prompt pages)."""
+        if not self.shares_pages(num_prompt_tokens):
+            return 0
         read = self.build_policy().prompt_queries_read(num_prompt_tokens)
         if read is None:
             return 0
         # Never past the prompt: a preempted request replays its outputs, and a hit that
         # reached a compaction boundary would skip the compaction.
-        limit = num_prompt_tokens - max(read, 1)
-        if self.prefill_eviction and self.first_prefill_point < num_prompt_tokens:
-            # The cold request compacts at the first point, with the queries before it.
-            limit = min(limit, self.first_prefill_point - max(read, 1))
-        return max(0, limit)
+        return max(0, num_prompt_tokens - max(read, 1))
+
+    def shares_pages(self, num_prompt_tokens: int) -> bool:
+        """Whether a request that may be compacted takes part in the prefix cache (reads and
+        publishes it, and copies on write at its first compaction). Not when it is compacted
+        during its prompt (prefill eviction): a hit could cover no more than the first point,
+        and copying on write would hold a second set of pages at that point, past the bound
+        budget + slack + chunk that prefill eviction promises."""
+        return not (self.evicts and self.prefill_eviction
+                    and self.first_prefill_point < num_prompt_tokens)
 
     def build_policy(self):
         """This config's policy object, with its policy_args."""

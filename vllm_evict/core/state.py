@@ -31,6 +31,8 @@ class RequestEvictionState:
     """The policy raised or returned a malformed selection once (logged once per request)."""
     may_evict: bool = True
     """False when prompt + max_tokens never passes the cap: no statistics are measured."""
+    shares_pages: bool = True
+    """It takes part in the prefix cache (EvictionConfig.shares_pages; the scheduler's twin)."""
     query_moments: QueryMoments = field(default_factory=QueryMoments)
     """Running query statistics (expected attention); empty for other policies."""
     pending_queries: PendingQueries = field(default_factory=PendingQueries)

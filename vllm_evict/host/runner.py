@@ -144,6 +144,7 @@ class EvictionRunnerMixin:
             req_state = self.requests[req_id]
             state = RequestEvictionState(cfg)
             state.may_evict = cfg.may_evict(req_state.num_prompt_tokens, sampling_params.max_tokens)
+            state.shares_pages = cfg.shares_pages(req_state.num_prompt_tokens)
             self.eviction_states[req_id] = state
 
     def _plan_observations(self, num_scheduled_tokens) -> stats.StepPlan | None:
@@ -269,7 +270,8 @@ class EvictionRunnerMixin:
         """With prefix caching, until its first compaction (the scheduler's twin:
         EvictionKVCacheManager.copies_on_write): its scores go to a private buffer and that
         compaction copies on write."""
-        return self.cache_config.enable_prefix_caching and state.evicted == 0
+        return (self.cache_config.enable_prefix_caching and state.shares_pages
+                and state.evicted == 0)
 
     @staticmethod
     def _copy_on_write_pages(req_id: str, new_block_ids, count: int) -> list[int]:
