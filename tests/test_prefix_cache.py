@@ -151,3 +151,24 @@ def test_the_cache_is_never_written_by_a_compaction(runs):
     assert max(abs(a - b) for a, b in zip(cached["logprobs"], vanilla["logprobs"],
                                           strict=True)) <= TOLERANCE
     assert runs["results"][("cold", "full")]["token_ids"] == vanilla["token_ids"]
+
+
+def test_a_prompt_that_fills_the_pool_compacts_without_preempting_itself(tiny_model, tmp_path):
+    """24 pages (23 usable) and a 680-token prompt (22 pages): the first compaction finds no
+    free pages to copy into, so it reuses the request's own pages (taken out of the prefix
+    cache). Before, the request preempted itself at every decode step. Its tokens must be
+    those of the same request with prefix caching off (compaction in place)."""
+    prompt = _tokens(300, 680)
+    sampling = {**SAMPLING, "max_tokens": 40}
+    request = {"prompt_token_ids": prompt, "sampling": sampling,
+               "extra_args": {"kv_eviction": "tova", "kv_budget": 128}}
+    outputs = {}
+    for caching in (True, False):
+        engine = {**_engine(tiny_model), "max_model_len": 736, "num_gpu_blocks_override": 24,
+                  "enable_prefix_caching": caching, "additional_config": {"kv_eviction": SERVER}}
+        out = run_engine_job({"engine": engine, "requests": [request]},
+                             tmp_path / f"caching-{caching}", timeout=300)
+        assert "preempted" not in out["log"], out["log"][-2000:]
+        outputs[caching] = out["results"][0]
+    assert len(outputs[True]["token_ids"]) == 40
+    assert outputs[True]["token_ids"] == outputs[False]["token_ids"]

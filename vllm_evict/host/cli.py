@@ -88,7 +88,8 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        "prompts near or beyond the KV pool; without it compaction starts after "
                        "the prompt, and a request's peak is its prompt. With "
                        "--kv-request-override deny it also lets the server start with a pool "
-                       "smaller than one --max-model-len. Off by default.")
+                       "smaller than one --max-model-len. Requests compacted inside their "
+                       "prompt skip the prefix cache. Off by default.")
     group.add_argument("--kv-prefill-chunk", type=int, default=argparse.SUPPRESS, metavar="N",
                        help="With --kv-prefill-eviction: prefill stops and compacts at every "
                        f"multiple of N past the cap. Default {defaults.prefill_chunk}.")

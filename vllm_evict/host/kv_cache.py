@@ -8,7 +8,9 @@ The manager is vLLM's FullAttentionManager plus two rules for a request that evi
   exactly vanilla's KV, so it reads and publishes prefix-cache pages like any request. Its first
   compaction writes to fresh private pages: they are allocated first and lead this step's new
   page ids, and every page held before goes back to the pool (a cached page stays cached,
-  untouched). The workers apply the same rule (runner.py), so no message is needed. Pages
+  untouched). When the pool is short of fresh pages, pages only this request holds are taken
+  out of the cache and reused among them. The workers apply the same rule (runner.py): the
+  first new page ids are the destination, whatever they are, so no message is needed. Pages
   allocated later are private and never published, so later compactions work in place.
 Requests that never pass their cap behave exactly as in vLLM.
 """
@@ -68,6 +70,8 @@ class EvictionKVCacheManager(FullAttentionManager):
         self.pages_freed: dict[str, int] = {}  # request -> pages returned mid-flight
         # request -> fresh pages its first compaction writes to (allocated with this step's)
         self.pending_copy_on_write: dict[str, int] = {}
+        # request -> of those, pages it reuses from its own (the pool was short)
+        self.pending_reuse: dict[str, int] = {}
 
     def copies_on_write(self, request_id: str) -> bool:
         """With prefix caching, a request's pages may be shared until its first compaction
@@ -125,20 +129,51 @@ class EvictionKVCacheManager(FullAttentionManager):
             # holds more than its peak.
             num_tokens = cfg.peak_length(num_tokens)
         if request_id in self.pending_copy_on_write:
-            # Every page of the compacted layout is new; the held ones are freed afterwards.
-            return cdiv(self.physical_tokens(request_id, num_tokens), self.block_size)
+            # Every page of the compacted layout is new (the held ones are freed afterwards),
+            # unless the pool is short: then pages only this request holds are reused.
+            needed = cdiv(self.physical_tokens(request_id, num_tokens), self.block_size)
+            reuse = self._pages_to_reuse(request_id, needed,
+                                         self.pending_copy_on_write[request_id])
+            self.pending_reuse[request_id] = reuse
+            return needed - reuse
         return super().get_num_blocks_to_allocate(
             request_id, self.physical_tokens(request_id, num_tokens), *args, **kwargs)
+
+    @staticmethod
+    def _exclusive_pages(held: list) -> list:
+        """The held pages no other request holds (the prefix cache may still list them)."""
+        return [page for page in held if page.ref_cnt == 1 and not page.is_null]
+
+    def _pages_to_reuse(self, request_id: str, needed: int, count: int) -> int:
+        """How many of its own pages a first compaction that needs `needed` new pages reuses:
+        none while the pool has them (its pages stay cached for other requests), else what
+        is missing, up to the pages only it holds (so a request whose prompt fills the pool
+        compacts in place instead of preempting itself at every step)."""
+        short = needed - self.block_pool.get_num_free_blocks()
+        if short <= 0:
+            return 0
+        return min(short, count,
+                   len(self._exclusive_pages(self.req_to_blocks.get(request_id, []))))
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         fresh = []
         if request_id in self.pending_copy_on_write:
-            # Not recorded for worker-side zeroing: the compaction writes every slot of these.
-            fresh = self.block_pool.get_new_blocks(self.pending_copy_on_write.pop(request_id))
+            count = self.pending_copy_on_write.pop(request_id)
             held = self.req_to_blocks[request_id]
+            # The pool was short (get_num_blocks_to_allocate): the first pages only this
+            # request holds take compacted entries too, taken out of the prefix cache. The
+            # workers gather every kept entry before writing any, so a page may be both.
+            reuse = max(self.pending_reuse.pop(request_id, 0),
+                        self._pages_to_reuse(request_id, count, count))
+            reused = self._exclusive_pages(held)[:reuse]
+            for page in reused:
+                self.block_pool._maybe_evict_cached_block(page)
+            # Not recorded for worker-side zeroing: the compaction writes every slot of these.
+            fresh = reused + self.block_pool.get_new_blocks(count - len(reused))
+            reused_ids = {page.block_id for page in reused}
             self.req_to_blocks[request_id] = list(fresh)
             self.num_cached_block[request_id] = 0  # nothing of the new layout is published
-            self.block_pool.free_blocks(reversed(held))
+            self.block_pool.free_blocks(reversed([p for p in held if p.block_id not in reused_ids]))
             freed = len(held) - len(fresh)
             self.pages_freed[request_id] = self.pages_freed.get(request_id, 0) + freed
             cfg = self.eviction_configs.get(request_id)
@@ -165,6 +200,7 @@ class EvictionKVCacheManager(FullAttentionManager):
         self.evicted.pop(request_id, None)
         self.pages_freed.pop(request_id, None)
         self.pending_copy_on_write.pop(request_id, None)
+        self.pending_reuse.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 
