@@ -7,6 +7,9 @@ every request on the full cache (one server); and the eviction mix on a server w
 more than budget + slack + chunk).
 
     .venv/bin/python benchmarks/load_test.py [--model DIR] [--requests 48] [--concurrency 12]
+    # long prompts only, every request evicting (docs/results/load_test_long_prompts.*):
+    .venv/bin/python benchmarks/load_test.py --prompt-range 1000 1400 --output-range 64 128 \
+        --full-cache-share 0 --name load_test_long_prompts
 
 Reports requests, concurrency, preemptions, aborts, p50/p99 latency and pages leaked (pool
 usage once idle) per run, and preemptions as a ratio to vanilla's, into
@@ -93,6 +96,7 @@ async def run_load(server: VllmServer, model: str, jobs: list[dict], mode: str, 
     wall = time.perf_counter() - started
     await asyncio.sleep(3.0)  # let aborted requests drain
     after = server.metrics()
+    await client.close()
     latencies.sort()
     return {
         **outcomes, "wall_s": round(wall, 1),
@@ -129,7 +133,7 @@ def plot(result: dict) -> None:
                  f"{cfg['pages']} pages x 32, prefill chunk {cfg['prefill_chunk']}; pages leaked "
                  f"per run: {leaked}", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, RESULTS / "load_test.png")
+    save_figure(fig, RESULTS / f"{cfg['name']}.png")
 
 
 def main() -> None:
@@ -143,8 +147,11 @@ def main() -> None:
     ap.add_argument("--full-cache-share", type=float, default=0.25)
     ap.add_argument("--prefill-chunk", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="load_test",
+                    help="docs/results/NAME.{json,png} (e.g. load_test_long_prompts)")
     args = ap.parse_args()
-    serve = ["--enforce-eager", "--max-model-len", "1536", "--block-size", "32",
+    max_model_len = max(1536, args.prompt_range[1] + args.output_range[1])
+    serve = ["--enforce-eager", "--max-model-len", str(max_model_len), "--block-size", "32",
              "--num-gpu-blocks-override", str(args.pages), "--max-num-batched-tokens", "512",
              "--max-num-seqs", str(args.concurrency)]
     plugin = [*serve, "--kv-eviction", "none", "--kv-window", "16", "--kv-slack", "32"]
@@ -175,7 +182,7 @@ def main() -> None:
                   "p50_s": round(r["p50_s"] / base["p50_s"], 3),
                   "p99_s": round(r["p99_s"] / base["p99_s"], 3)}
                   for name, r in runs.items() if name != "vanilla"}}
-    print(write_json("load_test", result))
+    print(write_json(args.name, result))
     plot(result)
     print(result["over_vanilla"])
 
