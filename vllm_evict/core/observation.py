@@ -312,12 +312,18 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
     return decode_batch(batch, starts, lengths, block_table, page_size), rest
 
 
+def defers(ob: Observation, num_queries: int) -> bool:
+    """Whether an observation may buffer its query (PendingQueries): a plain ACCUMULATE of one
+    decode query, measured into the paged score buffer with nothing hidden."""
+    return (ob.kind is Observe.ACCUMULATE and num_queries == 1 and ob.visible is None
+            and ob.private_scores is None)
+
+
 def split_deferred(observations: list[Observation], starts: list[int], lengths: list[int]
                    ) -> tuple[DeferredBatch | None, list[Observation]]:
-    """(the one-query ACCUMULATE observations that buffer their query, the rest)."""
+    """(the observations that buffer their query, the rest)."""
     batch = [ob for ob in observations if ob.pending is not None
-             and ob.kind is Observe.ACCUMULATE and ob.visible is None
-             and ob.private_scores is None and starts[ob.row + 1] - starts[ob.row] == 1]
+             and defers(ob, starts[ob.row + 1] - starts[ob.row])]
     if not batch:
         return None, observations
     rest = [ob for ob in observations if all(ob is not b for b in batch)]

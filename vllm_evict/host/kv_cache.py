@@ -57,10 +57,6 @@ class EvictionKVCacheManager(FullAttentionManager):
     # Shared with EvictionScheduler, which fills it on add_request: the requests that will be
     # compacted, with their resolved config. Empty until the scheduler binds it.
     eviction_configs: Mapping[str, EvictionConfig] = {}
-    # Shared with EvictionScheduler too: the requests among those that keep out of the prefix
-    # cache (EvictionConfig.shares_pages): they neither read nor publish it, so they never
-    # copy on write.
-    private_requests: set[str] = frozenset()
     # Only the first eviction group counts, so hybrid models with several groups count once.
     counts_metrics: bool = False
 
@@ -73,10 +69,12 @@ class EvictionKVCacheManager(FullAttentionManager):
         # request -> of those, pages it reuses from its own (the pool was short)
         self.pending_reuse: dict[str, int] = {}
 
-    def copies_on_write(self, request_id: str) -> bool:
-        """With prefix caching, a request's pages may be shared until its first compaction
-        (unless it keeps out of the cache)."""
-        return self.enable_caching and request_id not in self.private_requests
+    def copies_on_write(self, request_id: str, num_prompt_tokens: int) -> bool:
+        """With prefix caching, a request's pages may be shared until its first compaction,
+        unless it keeps out of the cache (EvictionConfig.shares_pages: then it neither reads
+        nor publishes it)."""
+        cfg = self.eviction_configs.get(request_id)
+        return self.enable_caching and (cfg is None or cfg.shares_pages(num_prompt_tokens))
 
     def physical_tokens(self, request_id: str, num_tokens: int) -> int:
         return num_tokens - self.evicted.get(request_id, 0)
@@ -93,12 +91,13 @@ class EvictionKVCacheManager(FullAttentionManager):
         newly_evicted = evicted - before
         self.evicted[request_id] = evicted
         keep = cdiv(physical, self.block_size)
-        if self.copies_on_write(request_id) and request_id in self.pending_copy_on_write:
+        shared = self.copies_on_write(request_id, num_prompt_tokens or 0)
+        if shared and request_id in self.pending_copy_on_write:
             # A retry in the same step (allocation failed, something was preempted): the same
             # boundary, still pending.
             self.pending_copy_on_write[request_id] = keep
             return
-        if self.copies_on_write(request_id) and before == 0 and evicted > 0:
+        if shared and before == 0 and evicted > 0:
             # The first compaction: its pages may be in the prefix cache or shared with other
             # requests. They are released in allocate_new_blocks, once the fresh pages exist
             # (so a fresh page is never one the compaction still reads).
@@ -191,7 +190,8 @@ class EvictionKVCacheManager(FullAttentionManager):
         # published like any request's (its prompt included); after it they never are.
         rid = request.request_id
         if rid in self.eviction_configs and (
-                not self.copies_on_write(rid) or self.evicted.get(rid, 0) > 0
+                not self.copies_on_write(rid, request.num_prompt_tokens)
+                or self.evicted.get(rid, 0) > 0
                 or rid in self.pending_copy_on_write):
             return
         super().cache_blocks(request, num_tokens, *args, **kwargs)

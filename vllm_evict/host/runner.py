@@ -177,10 +177,12 @@ class EvictionRunnerMixin:
                     observation.private_scores = state.private_scores_for(
                         computed + scheduled, len(views), key0.shape[1], key0.device)
                 pending = state.pending_queries
-                if len(pending) >= stats.PENDING_QUERIES_LIMIT or (
-                        len(pending) and not self._defers(observation, scheduled)):
-                    self._flush_pending_queries(req_id, state)
-                if self._defers(observation, scheduled):
+                # On CPU; the GPU measures it in its own step with one Triton launch for the
+                # batch (attention/gpu.py).
+                deferred = self._eviction_is_cpu and stats.defers(observation, scheduled)
+                if len(pending) >= stats.PENDING_QUERIES_LIMIT or (len(pending) and not deferred):
+                    self._flush_pending_queries(state, self._page_ids(req_id))
+                if deferred:
                     observation.pending = pending
                 observations.append(observation)
         if not observations:
@@ -196,22 +198,17 @@ class EvictionRunnerMixin:
         return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache,
                               rope=self._rope_table(), host_layout=(starts, lengths))
 
-    def _defers(self, observation: stats.Observation, num_scheduled_tokens: int) -> bool:
-        """Whether this observation buffers its query until the next compaction
-        (stats.PendingQueries): a plain decode ACCUMULATE on CPU. The GPU measures it in its
-        own step with one Triton launch for the batch (attention/gpu.py)."""
-        return (self._eviction_is_cpu and observation.kind is stats.Observe.ACCUMULATE
-                and num_scheduled_tokens == 1 and observation.visible is None
-                and observation.private_scores is None)
+    def _page_ids(self, req_id: str) -> torch.Tensor:
+        """The request's page ids, on the device that holds the cache."""
+        return torch.tensor(self.requests[req_id].block_ids[0], dtype=torch.int64,
+                            device=self._kv_views()[0][0].device)
 
-    def _flush_pending_queries(self, req_id: str, state: RequestEvictionState) -> None:
+    def _flush_pending_queries(self, state: RequestEvictionState, pages: torch.Tensor) -> None:
         """Fold a request's buffered decode queries into its scores (before anything reads
-        them or another observation adds to them)."""
+        them or another observation adds to them); pages: its page ids."""
         if not len(state.pending_queries):
             return
         views = self._kv_views()
-        pages = torch.tensor(self.requests[req_id].block_ids[0], dtype=torch.int64,
-                             device=views[0][0].device)
         started = time.perf_counter()
         stats.flush_pending_queries(state.pending_queries, self._score_buffers,
                                     [k for k, _ in views], pages, self._eviction_page_size)
@@ -316,7 +313,7 @@ class EvictionRunnerMixin:
             pages = self.requests[req_id].block_ids[0]
             page_ids = torch.tensor(pages[: cdiv(held, page_size)], dtype=torch.int64,
                                     device=key0.device)
-            self._flush_pending_queries(req_id, state)
+            self._flush_pending_queries(state, page_ids)
             positions = state.held_positions(computed, num_layers, num_heads).to(key0.device)
             inp = self._selection_input(req_id, state, computed, target, page_ids, positions)
             keep, visible = self._select(state, inp)

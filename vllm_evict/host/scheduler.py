@@ -32,7 +32,6 @@ class EvictionScheduler(Scheduler):
             self.vllm_config.additional_config) or EvictionConfig()
         self.eviction_configs: dict[str, EvictionConfig] = {}
         self.prefix_hit_limits: dict[str, int] = {}  # request -> most tokens a hit may cover
-        self.private_requests: set[str] = set()  # evicting requests out of the prefix cache
         self.eviction_managers = [
             m for m in self.kv_cache_manager.coordinator.single_type_managers
             if isinstance(m, EvictionKVCacheManager)
@@ -44,7 +43,6 @@ class EvictionScheduler(Scheduler):
             )
         for manager in self.eviction_managers:
             manager.eviction_configs = self.eviction_configs
-            manager.private_requests = self.private_requests
         self.eviction_managers[0].counts_metrics = True
         # Prefill eviction stops an evicting request's prefill chunk at its next compaction
         # point; vLLM's one per-request chunk hook is the Mamba block-aligned split.
@@ -70,8 +68,6 @@ class EvictionScheduler(Scheduler):
             metrics().requests.labels(cfg.policy).inc()
             if cfg.may_evict(request.num_prompt_tokens, request.max_tokens):
                 self.eviction_configs[request.request_id] = cfg
-                if not cfg.shares_pages(request.num_prompt_tokens):
-                    self.private_requests.add(request.request_id)
                 limit = self._prefix_hit_limit(request, cfg)
                 if limit == 0:
                     request.skip_reading_prefix_cache = True
@@ -130,7 +126,6 @@ class EvictionScheduler(Scheduler):
     def _free_blocks(self, request) -> None:
         cfg = self.eviction_configs.pop(request.request_id, None)
         self.prefix_hit_limits.pop(request.request_id, None)
-        self.private_requests.discard(request.request_id)
         if cfg is not None:
             self._log_finished(request, cfg)
         super()._free_blocks(request)
