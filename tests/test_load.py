@@ -202,25 +202,41 @@ async def test_preempted_eviction_requests_restart_and_finish(server):
     """Eviction requests preempted mid-decode restart from scratch (vLLM recomputes them, the
     plugin resets their eviction state) and finish with every token, no page lost.
 
-    The server schedules by priority, so which requests vLLM preempts does not depend on
-    timing: two full-cache requests (priority 0) outgrow the 40-page pool (each ends at 32
-    pages) while three eviction requests (priority 1, so preempted first) are ~100 tokens into
-    their 700.
+    The order is forced, so which requests vLLM preempts does not depend on timing: three
+    eviction requests (priority 1) start first and are decoding (compacted, past their 300-token
+    prompt) before two full-cache requests (priority 0) arrive. Those outgrow the 40-page pool
+    (each ends at 32 pages), and the priority scheduler preempts the eviction requests first.
+    Sent together instead, a full-cache request preempted before the eviction requests were
+    admitted heads the waiting queue and keeps them out until it finishes: no eviction request
+    is then ever preempted (seen in CI).
     """
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     policies = ["streaming", "h2o", "pyramidkv"]
-    jobs = [("none", 0)] * 2 + [(policy, 1) for policy in policies]
+    decoding = asyncio.Semaphore(0)
 
     async def complete(i: int, policy: str, priority: int) -> int:
-        response = await client.completions.create(
+        stream = await client.completions.create(
             model=_model(server), prompt=_ids(1000 + i, 300), max_tokens=700, temperature=0.0,
+            stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True, "priority": priority,
                         "vllm_xargs": {"kv_eviction": policy}})
-        return response.usage.completion_tokens
+        tokens, usage = 0, None
+        async for chunk in stream:
+            if chunk.choices:
+                tokens += 1
+                if tokens == 5:
+                    decoding.release()
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+        return usage
 
     log_before = len(server.log())
-    counts = await asyncio.gather(*(complete(i, *job) for i, job in enumerate(jobs)))
-    assert counts == [700] * len(jobs)
+    evicting = [asyncio.create_task(complete(i, policy, 1)) for i, policy in enumerate(policies)]
+    for _ in policies:
+        await asyncio.wait_for(decoding.acquire(), timeout=120)
+    full_cache = [complete(len(policies) + i, "none", 0) for i in range(2)]
+    counts = await asyncio.gather(*evicting, *full_cache)
+    assert counts == [700] * (len(policies) + 2)
 
     # The engine core logs from its own process; give its lines a moment to reach the file.
     pattern = r"vllm-evict: request \S+ done: policy=(\w+) budget=\d+ logical_len=(\d+)"
