@@ -5,7 +5,9 @@
 For each configuration BATCHxPROMPT, two offline engines in turn (each in its own process):
 vanilla vLLM (VLLM_PLUGINS="") and vLLM with the plugin (server default "none", each batch
 choosing its policy via extra_args). For each policy a batch of requests is decoded for
-`steps` tokens and every engine step after the prefill is timed; the median step is reported
+`steps` tokens and every engine step after the prefill is timed, in `repeats` rounds over all
+policies in rotated orders, each round followed by a drift probe (the first policy again);
+the median step is reported
 (robust to the other work on a shared machine). The steps include the compactions (every
 slack + 1 = 65 tokens). Ratios are over the same configuration's vanilla and streaming steps.
 Writes docs/results/decode_overhead.{json,png}.
@@ -62,13 +64,26 @@ def worker(args) -> None:
         return times
 
     decode_steps_ms(args.policies[0])  # warm up
+    # Rounds in rotated order, so that no policy always runs late in the engine's life (a
+    # policy's place in one engine's run moved its median by up to 30%); the first policy runs
+    # again at the end of every round to show any drift within the engine.
+    steps: dict[str, list[float]] = {p: [] for p in args.policies}
+    drift = []
+    n = len(args.policies)
+    for r in range(args.repeats):
+        shift = (r * n) // args.repeats
+        order = args.policies[shift:] + args.policies[:shift]
+        for policy in order:
+            steps[policy] += decode_steps_ms(policy)
+        drift.append(round(statistics.median(decode_steps_ms(args.policies[0])), 3))
+        print("round", r, "order", order, "drift probe", drift[-1], flush=True)
     out = {}
-    for policy in args.policies:
-        steps = [t for _ in range(args.repeats) for t in decode_steps_ms(policy)]
-        out[policy] = {"step_ms": round(statistics.median(steps), 3),
-                       "p90_step_ms": round(sorted(steps)[int(0.9 * len(steps))], 3),
-                       "steps_timed": len(steps)}
+    for policy, times in steps.items():
+        out[policy] = {"step_ms": round(statistics.median(times), 3),
+                       "p90_step_ms": round(sorted(times)[int(0.9 * len(times))], 3),
+                       "steps_timed": len(times)}
         print(policy, out[policy], flush=True)
+    out["_drift_probe_ms"] = {"policy": args.policies[0], "after_each_round": drift}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -115,7 +130,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds over all policies, each in a rotated order")
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -124,13 +140,15 @@ def main() -> None:
     runs = []
     for config in args.configs:
         args.batch, args.prompt_len = map(int, config.split("x"))
-        vanilla = run_engine(args, ["vanilla"], {"VLLM_PLUGINS": ""})["vanilla"]
+        vanilla_run = run_engine(args, ["vanilla"], {"VLLM_PLUGINS": ""})
+        vanilla = {**vanilla_run["vanilla"], "drift_probe_ms": vanilla_run["_drift_probe_ms"]}
         plugin = run_engine(args, args.policies, {})
+        drift = plugin.pop("_drift_probe_ms")
         base = vanilla["step_ms"]
         streaming = plugin.get("streaming", {}).get("step_ms")
         runs.append({
             "batch": args.batch, "prompt_len": args.prompt_len, "vanilla": vanilla,
-            "plugin": plugin,
+            "plugin": plugin, "drift_probe_ms": drift,
             "ratio_over_vanilla": {p: round(v["step_ms"] / base, 3) for p, v in plugin.items()},
             "ratio_over_streaming": ({p: round(v["step_ms"] / streaming, 3)
                                       for p, v in plugin.items()} if streaming else {})})

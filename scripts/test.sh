@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -ra "$@"
+# Two workers, one per core: most of an engine test is vLLM's start-up, which runs on one core.
+# Each test file stays on one worker (its engine fixtures are per module).
+WORKERS="${VLLM_EVICT_TEST_WORKERS:-$(( $(nproc) < 2 ? 1 : 2 ))}"
+exec .venv/bin/python -m pytest -q -ra -n "$WORKERS" --dist loadfile "$@"

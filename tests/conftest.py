@@ -23,26 +23,37 @@ for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_
                    # internal invariants raise instead of logging and recovering
                    "VLLM_EVICT_STRICT_CHECKS": "1"}.items():
     os.environ.setdefault(var, value)
+# scripts/test.sh runs two pytest-xdist workers. vLLM binds each CPU engine's worker to core 0
+# unless told otherwise, so two engines at once would share one core: give each pytest worker
+# its own core instead (one OpenMP thread either way, so the numerics do not change).
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _XDIST_WORKER.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(_XDIST_WORKER[2:]) % (os.cpu_count() or 1))
+
+
+def _built_model(name: str, *kind: str) -> str:
+    """Build a tiny random model once; a file lock keeps two workers from building it at once."""
+    from filelock import FileLock
+
+    out = CACHE / "models" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").exists():
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out),
+                            *kind], check=True, capture_output=True)
+    return str(out)
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """A tiny random-weight Llama (4 layers, 2 KV heads, head size 64) and its tokenizer."""
-    out = CACHE / "models" / "tiny"
-    if not (out / "config.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)],
-                       check=True, capture_output=True)
-    return str(out)
+    return _built_model("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma3() -> str:
     """A tiny random-weight Gemma-3 (hybrid: sliding-window and full-attention layers)."""
-    out = CACHE / "models" / "tiny-gemma3"
-    if not (out / "config.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out),
-                        "gemma3"], check=True, capture_output=True)
-    return str(out)
+    return _built_model("tiny-gemma3", "gemma3")
 
 
 def run_engine_job(spec: dict, workdir: Path, *, vanilla: bool = False,

@@ -202,41 +202,33 @@ async def test_preempted_eviction_requests_restart_and_finish(server):
     """Eviction requests preempted mid-decode restart from scratch (vLLM recomputes them, the
     plugin resets their eviction state) and finish with every token, no page lost.
 
-    The order is forced, so which requests vLLM preempts does not depend on timing: three
-    eviction requests (priority 1) start first and are decoding (compacted, past their 300-token
-    prompt) before two full-cache requests (priority 0) arrive. Those outgrow the 40-page pool
-    (each ends at 32 pages), and the priority scheduler preempts the eviction requests first.
-    Sent together instead, a full-cache request preempted before the eviction requests were
-    admitted heads the waiting queue and keeps them out until it finishes: no eviction request
-    is then ever preempted (seen in CI).
+    Which requests vLLM preempts must not depend on timing. Two full-cache requests (priority 0)
+    grow from 4 to 19 pages each: 38 of the 39 usable pages, so they never preempt each other.
+    Three eviction requests (priority 1, about 5 pages each) decode beside them and still have
+    hundreds of tokens to go when the full-cache requests pass 12 pages each; from then on the
+    priority scheduler must preempt eviction requests. Earlier forms of this test depended on
+    timing: with the full-cache requests outgrowing the pool, one of them preempted first headed
+    the waiting queue and kept the eviction requests out (seen in CI); with the full-cache
+    requests sent only once the eviction requests were decoding, a slow client let those finish
+    first (seen with two test workers).
     """
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     policies = ["streaming", "h2o", "pyramidkv"]
-    decoding = asyncio.Semaphore(0)
+    prompt_len, tokens_evicting = 150, 850
 
-    async def complete(i: int, policy: str, priority: int) -> int:
-        stream = await client.completions.create(
-            model=_model(server), prompt=_ids(1000 + i, 300), max_tokens=700, temperature=0.0,
-            stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "priority": priority,
-                        "vllm_xargs": {"kv_eviction": policy}})
-        tokens, usage = 0, None
-        async for chunk in stream:
-            if chunk.choices:
-                tokens += 1
-                if tokens == 5:
-                    decoding.release()
-            if chunk.usage is not None:
-                usage = chunk.usage.completion_tokens
-        return usage
+    async def complete(i: int, policy: str, priority: int, prompt: int, max_tokens: int) -> int:
+        res = await client.completions.create(
+            model=_model(server), prompt=_ids(1000 + i, prompt), max_tokens=max_tokens,
+            temperature=0.0, extra_body={"ignore_eos": True, "priority": priority,
+                                         "vllm_xargs": {"kv_eviction": policy}})
+        return res.usage.completion_tokens
 
     log_before = len(server.log())
-    evicting = [asyncio.create_task(complete(i, policy, 1)) for i, policy in enumerate(policies)]
-    for _ in policies:
-        await asyncio.wait_for(decoding.acquire(), timeout=120)
-    full_cache = [complete(len(policies) + i, "none", 0) for i in range(2)]
-    counts = await asyncio.gather(*evicting, *full_cache)
-    assert counts == [700] * (len(policies) + 2)
+    full_cache = [complete(len(policies) + i, "none", 0, 100, 500) for i in range(2)]
+    evicting = [complete(i, policy, 1, prompt_len, tokens_evicting)
+                for i, policy in enumerate(policies)]
+    counts = await asyncio.gather(*full_cache, *evicting)
+    assert counts == [500] * 2 + [tokens_evicting] * len(policies)
 
     # The engine core logs from its own process; give its lines a moment to reach the file.
     pattern = r"vllm-evict: request \S+ done: policy=(\w+) budget=\d+ logical_len=(\d+)"
@@ -246,12 +238,13 @@ async def test_preempted_eviction_requests_restart_and_finish(server):
             break
         await asyncio.sleep(0.2)
     preempted = re.findall(r"vllm-evict: request \S+ preempted at (\d+) tokens", new_log)
-    # After the prompt: mid-decode, or at the first compaction (300 tokens), whose copy on
-    # write needs fresh pages before it returns the shared ones.
-    assert preempted and all(int(n) >= 300 for n in preempted), new_log[-3000:]
+    # After the prompt: mid-decode, or at the first compaction (at the prompt's end), whose
+    # copy on write needs fresh pages before it returns the shared ones.
+    assert preempted and all(int(n) >= prompt_len for n in preempted), new_log[-3000:]
     done = re.findall(pattern, new_log)
     assert sorted(p for p, _ in done) == sorted(policies)
-    assert all(int(n) == 300 + 699 for _, n in done)  # every token computed (last one never fed)
+    # every token computed (the last one is never fed)
+    assert all(int(n) == prompt_len + tokens_evicting - 1 for _, n in done)
     await asyncio.sleep(1.0)
     assert server.metrics()["vllm:kv_cache_usage_perc"] == 0.0
 
