@@ -113,7 +113,8 @@ def plot(result: dict) -> None:
                     ha="center", va="bottom", fontsize=7)
         ax.set_ylabel("decode step (ms)")
         ax.tick_params(axis="x", rotation=60, labelsize=8)
-        ax.set_title(f"batch {run['batch']}, prompt {run['prompt_len']}", fontsize=10)
+        order = " (fixed order)" if run.get("order", "").startswith("fixed") else ""
+        ax.set_title(f"batch {run['batch']}, prompt {run['prompt_len']}{order}", fontsize=10)
     cfg = result["config"]
     fig.suptitle(f"median decode step, CPU, budget {cfg['budget']}, {cfg['steps']} steps; "
                  "labels: ms and ratio over streaming", fontsize=10)
@@ -148,7 +149,7 @@ def main() -> None:
         streaming = plugin.get("streaming", {}).get("step_ms")
         runs.append({
             "batch": args.batch, "prompt_len": args.prompt_len, "vanilla": vanilla,
-            "plugin": plugin, "drift_probe_ms": drift,
+            "plugin": plugin, "drift_probe_ms": drift, "order": f"rotated over {args.repeats} rounds",
             "ratio_over_vanilla": {p: round(v["step_ms"] / base, 3) for p, v in plugin.items()},
             "ratio_over_streaming": ({p: round(v["step_ms"] / streaming, 3)
                                       for p, v in plugin.items()} if streaming else {})})
