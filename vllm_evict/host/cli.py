@@ -89,7 +89,9 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        "the prompt, and a request's peak is its prompt. With "
                        "--kv-request-override deny it also lets the server start with a pool "
                        "smaller than one --max-model-len. Requests compacted inside their "
-                       "prompt skip the prefix cache. Off by default.")
+                       "prompt skip the prefix cache. The context is then compacted before "
+                       "the question at its end is read, so prefer a query-agnostic policy "
+                       "(keydiff) over tova or snapkv. Off by default.")
     group.add_argument("--kv-prefill-chunk", type=int, default=argparse.SUPPRESS, metavar="N",
                        help="With --kv-prefill-eviction: prefill stops and compacts at every "
                        f"multiple of N past the cap. Default {defaults.prefill_chunk}.")
