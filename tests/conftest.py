@@ -25,12 +25,12 @@ for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_
     os.environ.setdefault(var, value)
 # scripts/test.sh runs two pytest-xdist workers. vLLM binds each CPU engine's worker to core 0
 # unless told otherwise, so two engines at once would share one core: give each pytest worker
-# its own core instead (one OpenMP thread either way, so the numerics do not change), from
-# the cores this process may use (a container's cpuset need not start at 0).
+# its own core instead (one OpenMP thread either way, so the numerics do not change).
+# CORES: the cores this process may use (a container's cpuset need not start at 0).
+CORES = sorted(os.sched_getaffinity(0))
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _XDIST_WORKER.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-    _CORES = sorted(os.sched_getaffinity(0))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(_CORES[int(_XDIST_WORKER[2:]) % len(_CORES)])
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(CORES[int(_XDIST_WORKER[2:]) % len(CORES)])
 
 
 def _built_model(name: str, *kind: str) -> str:

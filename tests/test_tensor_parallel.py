@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_engine_job
+from tests.conftest import CORES, run_engine_job
 from vllm_evict.core.dump import records_for
 
 pytestmark = pytest.mark.engine
@@ -48,10 +48,9 @@ def _per_rank(dump_dir: Path) -> dict[int, list[dict]]:
 
 def test_tp2_gives_tp1_tokens_and_ranks_agree_on_p(tiny_model, tmp_path, monkeypatch):
     one = run_engine_job(_spec(tiny_model, 1), tmp_path / "tp1", dump_dir=tmp_path / "dump1")
-    # Both workers share this machine's one NUMA node: vLLM needs their cores named (from the
-    # cores this process may use; one core twice on a one-core machine).
-    cores = sorted(os.sched_getaffinity(0))
-    monkeypatch.setitem(os.environ, "VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}|{cores[-1]}")
+    # Both workers share this machine's one NUMA node: vLLM needs their cores named (one core
+    # twice on a one-core machine).
+    monkeypatch.setitem(os.environ, "VLLM_CPU_OMP_THREADS_BIND", f"{CORES[0]}|{CORES[-1]}")
     two = run_engine_job(_spec(tiny_model, 2), tmp_path / "tp2", dump_dir=tmp_path / "dump2")
     assert [r["token_ids"] for r in two["results"]] == [r["token_ids"] for r in one["results"]]
 
