@@ -83,8 +83,9 @@ def worker(args) -> None:
                        "p90_step_ms": round(sorted(times)[int(0.9 * len(times))], 3),
                        "steps_timed": len(times)}
         print(policy, out[policy], flush=True)
-    out["_drift_probe_ms"] = {"policy": args.policies[0], "after_each_round": drift}
-    print("RESULT " + json.dumps(out), flush=True)
+    result = {"policies": out,
+              "drift_probe_ms": {"policy": args.policies[0], "after_each_round": drift}}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_engine(args, policies: list[str], env: dict) -> dict:
@@ -142,9 +143,10 @@ def main() -> None:
     for config in args.configs:
         args.batch, args.prompt_len = map(int, config.split("x"))
         vanilla_run = run_engine(args, ["vanilla"], {"VLLM_PLUGINS": ""})
-        vanilla = {**vanilla_run["vanilla"], "drift_probe_ms": vanilla_run["_drift_probe_ms"]}
-        plugin = run_engine(args, args.policies, {})
-        drift = plugin.pop("_drift_probe_ms")
+        vanilla = {**vanilla_run["policies"]["vanilla"],
+                   "drift_probe_ms": vanilla_run["drift_probe_ms"]}
+        plugin_run = run_engine(args, args.policies, {})
+        plugin, drift = plugin_run["policies"], plugin_run["drift_probe_ms"]
         base = vanilla["step_ms"]
         streaming = plugin.get("streaming", {}).get("step_ms")
         runs.append({
