@@ -10,6 +10,9 @@ more than budget + slack + chunk).
     # long prompts only, every request evicting (docs/results/load_test_long_prompts.*):
     .venv/bin/python benchmarks/load_test.py --prompt-range 1000 1400 --output-range 64 128 \
         --full-cache-share 0 --name load_test_long_prompts
+    # long prompts and long outputs, every request evicting (load_test_long_outputs.*):
+    .venv/bin/python benchmarks/load_test.py --prompt-range 600 1000 --output-range 256 512 \
+        --full-cache-share 0 --name load_test_long_outputs
 
 Reports requests, concurrency, preemptions, aborts, p50/p99 latency and pages leaked (pool
 usage once idle) per run, and preemptions as a ratio to vanilla's, into

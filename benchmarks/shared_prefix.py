@@ -11,9 +11,12 @@ model and flags:
   - the plugin with prefix caching on (copy on write at the first compaction), one run per
     policy in `--policies` (tova and streaming read every cached page; snapkv reads up to its
     observation window; h2o reads every prompt query, so it publishes but never reads).
-Each run uses its own system prompt, so no run hits another's pages. Reported: prefix-cache
-hit rate (vLLM's own counters), TTFT p50/p99 (client side, streamed), output tokens/s, and
-each as a ratio to vanilla. Writes docs/results/shared_prefix.{json,png}.
+Every run sends the same questions after its own system prompt, so no run hits another's
+pages. With `--repeats N` each server runs its workloads N times, in a rotated order on the
+plugin's server, and every figure is the median over the repeats (TTFT medians move about 10%
+from run to run). Reported: prefix-cache hit rate (vLLM's own counters), TTFT p50/p99 (client
+side, streamed), output tokens/s, the plugin's compaction and scoring seconds, and each as a
+ratio to vanilla. Writes docs/results/shared_prefix.{json,png}.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_workload(server: VllmServer, args, seed: int, xargs: dict | None) -> dict:
-    rng = random.Random(seed)
-    system = [rng.randrange(100, 20000) for _ in range(args.prefix_len)]
+    """One run: a system prompt of its own (seed), then the same questions as every run."""
+    system = [random.Random(seed).randrange(100, 20000) for _ in range(args.prefix_len)]
+    rng = random.Random(0)
     questions = [[rng.randrange(100, 20000) for _ in range(rng.randrange(20, 60))]
                  for _ in range(args.requests)]
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
@@ -82,6 +86,8 @@ async def run_workload(server: VllmServer, args, seed: int, xargs: dict | None) 
         "ttft_p99_s": round(percentile(ttfts, 0.99), 4),
         "output_tok_per_s": round(tokens / wall, 1),
         "compactions": delta("vllm_evict:compactions_total"),
+        "compaction_s": round(delta("vllm_evict:compaction_seconds_total"), 3),
+        "scoring_s": round(delta("vllm_evict:scoring_seconds_total"), 3),
         "preemptions": delta("vllm:num_preemptions_total"),
     }
 
@@ -130,28 +136,39 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--page-size", type=int, default=32)
     ap.add_argument("--policies", nargs="+", default=["tova", "streaming", "snapkv", "h2o"])
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each workload per server (rotated order; medians reported)")
     args = ap.parse_args()
-    runs: dict[str, dict] = {}
+    repeats: dict[str, list[dict]] = {}
+    seeds = iter(range(1, 10_000))  # a fresh system prompt for every run
 
-    def record(label: str, server: VllmServer, seed: int, xargs: dict | None) -> None:
-        runs[label] = asyncio.run(run_workload(server, args, seed, xargs))
-        print(label, runs[label], flush=True)
+    def run_all(server: VllmServer, workloads: dict[str, dict | None], times: int) -> None:
+        labels = list(workloads)
+        for r in range(times):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                out = asyncio.run(run_workload(server, args, next(seeds), workloads[label]))
+                repeats.setdefault(label, []).append(out)
+                print(label, f"repeat {r + 1}/{times}", out, flush=True)
 
     with serve("vanilla", args, [], {"VLLM_PLUGINS": ""}) as server:
-        record("vanilla", server, 1, None)
+        run_all(server, {"vanilla": None}, args.repeats)
     plugin = ["--kv-eviction", "tova", "--kv-budget", str(args.budget)]
     with serve("no-caching", args, [*plugin, "--no-enable-prefix-caching"], {}) as server:
-        record("tova, caching off", server, 2, None)
+        run_all(server, {"tova, caching off": None}, 1)  # 18x vanilla's TTFT: once is enough
     with serve("plugin", args, plugin, {}) as server:
-        record("plugin, kv_eviction none", server, 3, {"kv_eviction": "none"})
-        for i, policy in enumerate(args.policies):
-            record(policy, server, 10 + i, {"kv_eviction": policy, "kv_budget": args.budget})
+        run_all(server, {"plugin, kv_eviction none": {"kv_eviction": "none"},
+                         **{policy: {"kv_eviction": policy, "kv_budget": args.budget}
+                            for policy in args.policies}}, args.repeats)
+    runs = {label: {key: statistics.median(run[key] for run in outs) for key in outs[0]}
+            for label, outs in repeats.items()}
     base = runs["vanilla"]
     ratios = {label: {key: round(r[key] / base[key], 3) if base[key] else None
                       for key in ("hit_rate", "ttft_p50_s", "ttft_p99_s", "output_tok_per_s")}
               for label, r in runs.items() if label != "vanilla"}
     result = {"config": {**vars(args), "cpu_threads": os.cpu_count()}, "runs": runs,
-              "over_vanilla": ratios}
+              "over_vanilla": ratios,
+              "repeats": {label: [run["ttft_p50_s"] for run in outs]
+                          for label, outs in repeats.items()}}
     print(write_json("shared_prefix", result))
     plot(result)
     for label, r in ratios.items():

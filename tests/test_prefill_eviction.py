@@ -144,3 +144,27 @@ def test_the_same_tokens_alone_and_under_load(bounded):
     assert loaded["token_ids"] == alone["token_ids"]
     assert max(abs(a - b) for a, b in zip(loaded["logprobs"], alone["logprobs"],
                                           strict=True)) <= TOLERANCE
+
+
+def test_bounded_requests_are_admitted_only_where_their_peaks_fit_together(tiny_model, tmp_path):
+    """Six requests whose bounds (7 pages each) add up to almost twice the pool arrive at once.
+    The scheduler keeps each running request's growth up to its bound free, so a request is
+    admitted only when its bound fits beside the others' whole bounds: never more than three
+    run together, and none is ever preempted. vLLM alone admits a request whenever its bound
+    fits in the free pages, which counts none of that growth: without the reservation four
+    run together here (checked), and the last two assertions fail."""
+    cfg = EvictionConfig(**SERVER)
+    usable = POOL_PAGES - 1  # vLLM's null page
+    prompts = [_tokens(300 + i, 500) for i in range(6)]
+    peak = -(-cfg.peak_length(500 + SAMPLING["max_tokens"]) // PAGE)
+    assert len(prompts) * peak > usable >= 3 * peak
+    engine = {**_engine(tiny_model, SERVER), "max_num_batched_tokens": 2048}
+    out = run_engine_job({"engine": engine, "requests": [_request(p) for p in prompts]},
+                         tmp_path / "admission", page_trace_dir=tmp_path / "pages", timeout=300)
+    assert all(len(r["token_ids"]) == SAMPLING["max_tokens"] for r in out["results"])
+    assert "preempted" not in out["log"]
+    steps: dict[int, list[dict]] = {}
+    for line in read_page_trace(tmp_path / "pages"):
+        steps.setdefault(line["step"], []).append(line)
+    assert max(len(running) for running in steps.values()) == usable // peak
+    assert all(len(running) * peak <= usable for running in steps.values())

@@ -162,3 +162,41 @@ def test_deferred_decode_queries_equal_measuring_each_step():
     swapped = run(swapped_pending)
     stats.flush_pending_queries(swapped_pending, swapped, keys[::-1], table[0], PAGE)
     assert not torch.allclose(swapped[0], each_step[0], atol=1e-3)
+
+
+def test_a_buffered_latest_query_scored_at_the_compaction_equals_measuring_it():
+    """tova on CPU buffers the last query of the step before a compaction (here a 5-query
+    prefill chunk) and scores it at the compaction (latest_query_scores): the same scores,
+    in every layer, as LATEST measured in that step."""
+    g = torch.Generator().manual_seed(12)
+    layers, length, chunk = 2, 21, 5
+    keys = [torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g) for _ in range(layers)]
+    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
+    table[0] = torch.randperm(BLOCKS, generator=g).to(torch.int32)
+    query = torch.randn(chunk, HEADS * GROUP, DIM, generator=g)
+    caches = [torch.empty(1) for _ in range(layers)]
+
+    def run(pending):
+        scores = [torch.rand(BLOCKS, PAGE, HEADS, generator=g) for _ in range(layers)]
+        ob = stats.Observation(0, stats.Observe.LATEST, pending=pending)
+        plan = stats.StepPlan([ob], scores, {c.data_ptr(): i for i, c in enumerate(caches)})
+        for layer in range(layers):
+            stats.observe_layer(plan, caches[layer], keys[layer], value, query,
+                                torch.zeros_like(query), torch.tensor([0, chunk]),
+                                torch.tensor([length]), table, 0.25)
+        stats.finish_step(plan)
+        slots = stats.page_slots(table[0], length, PAGE)
+        return torch.stack([s.view(-1, HEADS)[slots].T for s in scores])
+
+    measured = run(None)
+    pending = stats.PendingQueries()
+    untouched = run(pending)
+    assert len(pending) == 1 and pending.lengths == [length]
+    scored = stats.latest_query_scores(pending, keys, table[0].long(), length)
+    assert torch.allclose(scored, measured, atol=1e-6)
+    assert not torch.allclose(untouched, measured)  # the step itself measured nothing
+    # Negative control: the chunk's first query instead of its last gives other scores.
+    first = stats.PendingQueries([torch.stack([query[0]] * layers)], [length], 0.25)
+    assert not torch.allclose(stats.latest_query_scores(first, keys, table[0].long(), length),
+                              measured, atol=1e-3)

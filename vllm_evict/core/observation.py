@@ -312,10 +312,16 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
     return decode_batch(batch, starts, lengths, block_table, page_size), rest
 
 
-def defers(ob: Observation, num_queries: int) -> bool:
-    """Whether an observation may buffer its query (PendingQueries): a plain ACCUMULATE of one
-    decode query, measured into the paged score buffer with nothing hidden."""
-    return (ob.kind is Observe.ACCUMULATE and num_queries == 1 and ob.visible is None
+def defers(ob: Observation, num_queries: int, shared: bool = False) -> bool:
+    """Whether an observation may buffer its query (PendingQueries) instead of measuring it in
+    this step, with nothing hidden: a plain ACCUMULATE of one decode query into the paged
+    score buffer (not while the request's pages may be `shared`), or LATEST, whose last query
+    the next compaction scores itself (latest_query_scores), shared pages or not."""
+    if ob.visible is not None:
+        return False
+    if ob.kind is Observe.LATEST:
+        return True
+    return (ob.kind is Observe.ACCUMULATE and num_queries == 1 and not shared
             and ob.private_scores is None)
 
 
@@ -327,18 +333,19 @@ def split_deferred(observations: list[Observation], starts: list[int], lengths: 
     if not batch:
         return None, observations
     rest = [ob for ob in observations if all(ob is not b for b in batch)]
-    return DeferredBatch(batch, torch.tensor([starts[ob.row] for ob in batch]),
+    return DeferredBatch(batch, torch.tensor([starts[ob.row + 1] - 1 for ob in batch]),
                          [lengths[ob.row] for ob in batch]), rest
 
 
 @dataclass
 class DeferredBatch:
-    """This step's deferred decode queries: every layer copies them into one buffer with one
-    index, and the end of the step hands each request its column (finish_step)."""
+    """This step's deferred queries (each request's last): every layer copies them into one
+    buffer with one index, and the end of the step hands each request its column
+    (finish_step)."""
 
     observations: list[Observation]
     tokens: torch.Tensor
-    """[B] the query's row in the step's query tensor."""
+    """[B] the request's last query's row in the step's query tensor."""
     lengths: list[int]
     buffer: torch.Tensor | None = None
     """[layers, B, q_heads, D]"""
@@ -355,6 +362,8 @@ class DeferredBatch:
         if self.buffer is None:
             return  # the forward never reached an observed layer
         for b, ob in enumerate(self.observations):
+            if ob.kind is Observe.LATEST:
+                ob.pending.clear()  # only the latest query counts
             ob.pending.queries.append(self.buffer[:, b])
             ob.pending.lengths.append(self.lengths[b])
             ob.pending.scale = self.scale
@@ -388,6 +397,23 @@ def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Ten
         target[own] = 0
         target[slots] += torch.softmax(logits, -1).sum(dim=(1, 2)).T
     pending.clear()
+
+
+def latest_query_scores(pending: PendingQueries, key_views: list[torch.Tensor],
+                        block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """[layers, kv_heads, length] float32: the buffered last query's attention over the
+    request's held entries (physical 0 .. length - 1), summed over each KV head's queries:
+    what LATEST would have written to the scores in that query's own step. Scored here, at
+    the compaction that reads it, so the step before a compaction (a prompt's last chunk, for
+    a first compaction) does no attention of its own; nothing moved a held entry in between."""
+    query = pending.queries[-1].to(key_views[0].device)  # [layers, q_heads, D]
+    seen = min(pending.lengths[-1], length)  # entries written after it stay at 0
+    out = torch.zeros(len(key_views), key_views[0].shape[1], length, device=query.device)
+    for layer, key_view in enumerate(key_views):
+        keys = gather_paged(key_view, block_row, seen)
+        probs = attention_probs_reference(query[layer][None], keys, pending.scale)
+        out[layer, :, :seen] = probs[0].sum(dim=1)
+    return out
 
 
 def split_moments(observations: list[Observation], starts: list[int], rope: RopeTable | None

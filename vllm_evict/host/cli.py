@@ -88,7 +88,9 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        "prompts near or beyond the KV pool; without it compaction starts after "
                        "the prompt, and a request's peak is its prompt. With "
                        "--kv-request-override deny it also lets the server start with a pool "
-                       "smaller than one --max-model-len. Requests compacted inside their "
+                       "smaller than one --max-model-len. A request is admitted only where "
+                       "its bound fits beside those of the running ones, so evicting requests "
+                       "never preempt one another. Requests compacted inside their "
                        "prompt skip the prefix cache. The context is then compacted before "
                        "the question at its end is read, so prefer a query-agnostic policy "
                        "(keydiff) over tova or snapkv. Off by default.")

@@ -171,16 +171,20 @@ class EvictionRunnerMixin:
             if observation is not None:
                 observation.visible = state.visible
                 observation.moments = state.query_moments
-                if observation.kind in PAGED_SCORE_KINDS and self._pages_may_be_shared(state):
+                shared = (observation.kind in PAGED_SCORE_KINDS
+                          and self._pages_may_be_shared(state))
+                pending = state.pending_queries
+                # On CPU; the GPU measures it in its own step with one Triton launch for the
+                # batch (attention/gpu.py).
+                deferred = self._eviction_is_cpu and stats.defers(observation, scheduled, shared)
+                if shared and not deferred:
                     views = self._kv_views()
                     key0 = views[0][0]
                     observation.private_scores = state.private_scores_for(
                         computed + scheduled, len(views), key0.shape[1], key0.device)
-                pending = state.pending_queries
-                # On CPU; the GPU measures it in its own step with one Triton launch for the
-                # batch (attention/gpu.py).
-                deferred = self._eviction_is_cpu and stats.defers(observation, scheduled)
-                if len(pending) >= stats.PENDING_QUERIES_LIMIT or (len(pending) and not deferred):
+                if observation.kind is not stats.Observe.LATEST and (
+                        len(pending) >= stats.PENDING_QUERIES_LIMIT
+                        or (len(pending) and not deferred)):
                     self._flush_pending_queries(state, self._page_ids(req_id))
                 if deferred:
                     observation.pending = pending
@@ -206,8 +210,9 @@ class EvictionRunnerMixin:
     def _flush_pending_queries(self, state: RequestEvictionState, pages: torch.Tensor) -> None:
         """Fold a request's buffered decode queries into its scores (before anything reads
         them or another observation adds to them); pages: its page ids."""
-        if not len(state.pending_queries):
-            return
+        latest = state.policy.statistic is Statistic.LATEST_QUERY_ATTENTION
+        if latest or not len(state.pending_queries):
+            return  # a buffered LATEST query is scored by the compaction that reads it
         views = self._kv_views()
         started = time.perf_counter()
         stats.flush_pending_queries(state.pending_queries, self._score_buffers,
@@ -358,7 +363,11 @@ class EvictionRunnerMixin:
         scores = keys = values = None
         if statistic in (Statistic.KEYS, Statistic.QUERY_MOMENTS):
             keys = torch.stack([gather_paged(k, page_ids, held) for k, _ in views])
-        if statistic is Statistic.QUERY_MOMENTS:
+        if statistic is Statistic.LATEST_QUERY_ATTENTION and len(state.pending_queries):
+            scores = stats.latest_query_scores(state.pending_queries, [k for k, _ in views],
+                                               page_ids, held)
+            state.pending_queries.clear()
+        elif statistic is Statistic.QUERY_MOMENTS:
             values = torch.stack([gather_paged(v, page_ids, held) for _, v in views])
         elif statistic not in (Statistic.NONE, Statistic.KEYS) and state.private_scores is not None:
             scores = torch.stack([buf[:held].T for buf in state.private_scores])

@@ -6,6 +6,10 @@ requests publish their prompt pages and read cached ones (copy on write, kv_cach
 that a cache hit never covers a prompt query the policy reads (EvictionConfig.prefix_hit_limit):
 a cached request selects exactly what a cold one does. Requests compacted during their prompt
 (prefill eviction) keep out of the cache (EvictionConfig.shares_pages).
+
+A request that prefill eviction bounds (EvictionConfig.peak_length) keeps the pages it may
+still grow into reserved: a new or preempted request is admitted only into what is left, so
+bounded requests never preempt one another (vLLM's own check covers only the prompt).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import logging
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from vllm_evict.core.config import EvictionConfig
 from vllm_evict.core.dump import PageTrace
 from vllm_evict.host.kv_cache import EvictionKVCacheManager
 from vllm_evict.host.metrics import metrics
-from vllm_evict.host.patching import extends
+from vllm_evict.host.patching import extends, record
+from vllm_evict.kernels.paged import cdiv
 
 logger = logging.getLogger("vllm.evict")
 
@@ -50,7 +56,44 @@ class EvictionScheduler(Scheduler):
         if self.eviction_default.prefill_eviction:
             self.need_mamba_block_aligned_split = True
         self.page_trace = PageTrace.from_env()
+        if self.eviction_default.prefill_eviction:  # a server setting; requests cannot set it
+            self._install_growth_reserve()
         logger.info("vllm-evict scheduler ready: %s", self.eviction_default.describe())
+
+    def _install_growth_reserve(self) -> None:
+        """Admissions (waiting or preempted requests) keep the growth of the running bounded
+        requests free, through vLLM's admission watermark, which both its checks (the whole
+        prompt, then this chunk) add to what the request needs."""
+        manager = self.kv_cache_manager
+        vanilla_allocate = manager.allocate_slots
+        vanilla_watermark = manager.watermark_blocks
+
+        def allocate_slots(request, *args, **kwargs):
+            if request.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                return vanilla_allocate(request, *args, **kwargs)
+            manager.watermark_blocks = vanilla_watermark + self.growth_reserved_pages()
+            try:
+                return vanilla_allocate(request, *args, **kwargs)
+            finally:
+                manager.watermark_blocks = vanilla_watermark
+
+        manager.allocate_slots = allocate_slots
+        record("vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots (this scheduler's)",
+               "patch", "admissions keep the growth of running bounded requests free")
+
+    def growth_reserved_pages(self) -> int:
+        """Pages the running requests that prefill eviction bounds may still take: each up to
+        cdiv(peak_length, page), less what it holds."""
+        manager = self.eviction_managers[0]
+        reserved = 0
+        for request in self.running:
+            cfg = self.eviction_configs.get(request.request_id)
+            if cfg is None or not cfg.prefill_eviction:
+                continue
+            peak = cfg.peak_length(request.num_prompt_tokens + request.max_tokens)
+            held = len(manager.req_to_blocks.get(request.request_id, ()))
+            reserved += max(0, cdiv(peak, manager.block_size) - held)
+        return reserved
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
