@@ -73,6 +73,7 @@ async def run_workload(server: VllmServer, args, seed: int, xargs: dict | None) 
     started = time.perf_counter()
     await asyncio.gather(*(one(q) for q in questions))
     wall = time.perf_counter() - started
+    await client.close()  # inside this run's event loop, which asyncio.run then closes
     after = server.metrics()
 
     def delta(name: str) -> float:

@@ -182,9 +182,7 @@ class EvictionRunnerMixin:
                     key0 = views[0][0]
                     observation.private_scores = state.private_scores_for(
                         computed + scheduled, len(views), key0.shape[1], key0.device)
-                if observation.kind is not stats.Observe.LATEST and (
-                        len(pending) >= stats.PENDING_QUERIES_LIMIT
-                        or (len(pending) and not deferred)):
+                if len(pending) >= stats.PENDING_QUERIES_LIMIT or (len(pending) and not deferred):
                     self._flush_pending_queries(state, self._page_ids(req_id))
                 if deferred:
                     observation.pending = pending
