@@ -53,11 +53,10 @@ class EvictionScheduler(Scheduler):
         # Prefill eviction stops an evicting request's prefill chunk at its next compaction
         # point; vLLM's one per-request chunk hook is the Mamba block-aligned split.
         self._vanilla_aligned_split = self.need_mamba_block_aligned_split
-        if self.eviction_default.prefill_eviction:
-            self.need_mamba_block_aligned_split = True
-        self.page_trace = PageTrace.from_env()
         if self.eviction_default.prefill_eviction:  # a server setting; requests cannot set it
+            self.need_mamba_block_aligned_split = True
             self._install_growth_reserve()
+        self.page_trace = PageTrace.from_env()
         logger.info("vllm-evict scheduler ready: %s", self.eviction_default.describe())
 
     def _install_growth_reserve(self) -> None:
