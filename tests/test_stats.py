@@ -121,16 +121,22 @@ def test_batched_decode_equals_each_request_alone():
     assert not torch.allclose(run(obs, one_by_one=False)[0], batched)
 
 
+def _layered_pages(g: torch.Generator, layers: int):
+    """Random paged K per layer, one V, and a one-request block table over every page."""
+    keys = [torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g) for _ in range(layers)]
+    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
+    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
+    table[0] = torch.randperm(BLOCKS, generator=g).to(torch.int32)
+    return keys, value, table
+
+
 def test_deferred_decode_queries_equal_measuring_each_step():
     """h2o/snapkv decode steps on CPU buffer their queries (PendingQueries) and fold them in
     at the next compaction: the scores then equal those measured step by step, in every
     layer, own entries starting from zero."""
     g = torch.Generator().manual_seed(11)
     layers, first_len, steps = 2, 17, 6
-    keys = [torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g) for _ in range(layers)]
-    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
-    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
-    table[0] = torch.randperm(BLOCKS, generator=g).to(torch.int32)
+    keys, value, table = _layered_pages(g, layers)
     queries = [torch.randn(1, HEADS * GROUP, DIM, generator=g) for _ in range(steps)]
     caches = [torch.empty(1) for _ in range(layers)]
     initial = [torch.rand(BLOCKS, PAGE, HEADS, generator=g) for _ in range(layers)]
@@ -170,10 +176,7 @@ def test_a_buffered_latest_query_scored_at_the_compaction_equals_measuring_it():
     in every layer, as LATEST measured in that step."""
     g = torch.Generator().manual_seed(12)
     layers, length, chunk = 2, 21, 5
-    keys = [torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g) for _ in range(layers)]
-    value = torch.randn(BLOCKS, HEADS, PAGE, DIM, generator=g)
-    table = torch.zeros(1, BLOCKS, dtype=torch.int32)
-    table[0] = torch.randperm(BLOCKS, generator=g).to(torch.int32)
+    keys, value, table = _layered_pages(g, layers)
     query = torch.randn(chunk, HEADS * GROUP, DIM, generator=g)
     caches = [torch.empty(1) for _ in range(layers)]
 
