@@ -81,7 +81,48 @@ def main() -> int:
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
 
     results: list[dict[str, Any]] = []
-    skipped, baseline = [], None
+    skipped: list[dict[str, Any]] = []
+    baseline: str | None = None
+
+    def worst(kernel: str, key: str, pick: Callable[..., Any]) -> Any:
+        vals = [r[key] for r in results if r["kernel"] == kernel]
+        return pick(vals) if vals else None
+
+    def write(complete: bool) -> dict[str, Any]:
+        """Write the JSON (and the plot, once complete) with every shape measured so far."""
+        summary = {
+            "decode_scores_over_decode_step_max": worst("decode_scores", "fraction_of_decode_step", max),
+            "decode_scores_backend_lse_over_decode_step_max":
+                worst("decode_scores_backend_lse", "fraction_of_decode_step", max),
+            "compaction_of_copy_bandwidth_min": worst("compaction", "fraction_of_floor", min),
+        }
+        report = {
+            "device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "smoke": args.smoke, "dtype": args.dtype, "complete": complete,
+            "shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "page": PAGE,
+                       "layout": "vLLM 0.32 GPU [blocks, kv_heads, page, 2 * head_dim] (stored NHD), shuffled tables",
+                       "window": WINDOW, "pool_kernel": POOL, "keep_fraction": args.keep_fraction},
+            "copy_bandwidth_bytes_per_s": bandwidth, "decode_step_baseline": baseline,
+            "targets": TARGETS, "summary": summary, "checks": checks, "results": results,
+            "skipped": skipped,
+            "notes": [
+                "fraction_of_floor = (bytes the job must move / measured copy bandwidth) / time.",
+                "decode scoring reads K twice (LSE pass + weights pass) unless the backend's LSE "
+                "is passed; a decode step reads K and V once, so a separate scoring pass costs "
+                "about one step (own LSE) or half a step (backend LSE) when memory-bound.",
+            ],
+        }
+        if args.out_dir is None:
+            args.out_dir = Path(tempfile.mkdtemp()) if args.smoke else ROOT / "docs" / "results"
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = "kernels_gpu_smoke" if args.smoke else "kernels_gpu"
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        plotted = complete and plot(results, args.out_dir / f"{stem}.png",
+                                    f"{name} · {args.dtype} · Llama-3.1-8B shapes · baseline: {baseline}")
+        if complete:
+            print(f"wrote {args.out_dir / f'{stem}.json'}" + (" and .png" if plotted else ""))
+        return summary
+
     for batch in batches:
         for context in contexts:
             need = pool_bytes(batch, context, dtype, args.keep_fraction)
@@ -99,41 +140,9 @@ def main() -> int:
                       f"({r['timing']}) {r['fraction_of_floor']:5.2f} of floor{extra}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            write(complete=False)  # a run cut short by a time limit keeps what it measured
 
-    def worst(kernel: str, key: str, pick: Callable[..., Any]) -> Any:
-        vals = [r[key] for r in results if r["kernel"] == kernel]
-        return pick(vals) if vals else None
-
-    summary = {
-        "decode_scores_over_decode_step_max": worst("decode_scores", "fraction_of_decode_step", max),
-        "decode_scores_backend_lse_over_decode_step_max":
-            worst("decode_scores_backend_lse", "fraction_of_decode_step", max),
-        "compaction_of_copy_bandwidth_min": worst("compaction", "fraction_of_floor", min),
-    }
-    report = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__,
-        "smoke": args.smoke, "dtype": args.dtype,
-        "shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "page": PAGE,
-                   "layout": "vLLM 0.32 GPU [blocks, kv_heads, page, 2 * head_dim] (stored NHD), shuffled tables",
-                   "window": WINDOW, "pool_kernel": POOL, "keep_fraction": args.keep_fraction},
-        "copy_bandwidth_bytes_per_s": bandwidth, "decode_step_baseline": baseline,
-        "targets": TARGETS, "summary": summary, "checks": checks, "results": results,
-        "skipped": skipped,
-        "notes": [
-            "fraction_of_floor = (bytes the job must move / measured copy bandwidth) / time.",
-            "decode scoring reads K twice (LSE pass + weights pass) unless the backend's LSE "
-            "is passed; a decode step reads K and V once, so a separate scoring pass costs "
-            "about one step (own LSE) or half a step (backend LSE) when memory-bound.",
-        ],
-    }
-    if args.out_dir is None:
-        args.out_dir = Path(tempfile.mkdtemp()) if args.smoke else ROOT / "docs" / "results"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "kernels_gpu_smoke" if args.smoke else "kernels_gpu"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plotted = plot(results, args.out_dir / f"{stem}.png",
-                   f"{name} · {args.dtype} · Llama-3.1-8B shapes · baseline: {baseline}")
-    print(f"wrote {args.out_dir / f'{stem}.json'}" + (" and .png" if plotted else ""))
+    summary = write(complete=True)
     print("summary:", json.dumps(summary))
     return 0 if all(c["ok"] for c in checks.values()) else 1
 
