@@ -129,6 +129,42 @@ def test_decode_query_moments_batched_equal_one_by_one():
         return moments
 
     for a, b in zip(run(batched=True), run(batched=False), strict=True):
+        assert a.total is None and len(a.pending) == 1  # deferred until read
+        a.fold()
         assert torch.allclose(a.total, b.total) and torch.allclose(a.outer, b.outer)
         assert torch.equal(a.count, b.count) and a.count.tolist() == [1.0, 1.0]
-    assert not torch.allclose(run(True)[0].total, run(True)[1].total)  # rows kept apart
+    first, second, _ = run(batched=True)
+    assert not torch.allclose(first.mean_and_covariance()[0], second.mean_and_covariance()[0])  # rows apart
+
+
+def test_deferred_decode_queries_fold_to_the_moments_added_one_by_one():
+    """Decode queries buffered rotated and folded in batches (at the limit and when read) give
+    the moments of un-rotating and adding each one in its own step; a wrong position for one
+    of them must not."""
+    from vllm_evict.core import observation as stats
+
+    theta = 10000.0 ** (-torch.arange(0, 16, 2) / 16)
+    angles = torch.arange(512)[:, None] * theta[None]
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], dim=-1))
+    g = torch.Generator().manual_seed(5)
+    steps = stats.PENDING_QUERIES_LIMIT + 7  # one fold at the limit, one when read
+    queries = torch.randn(steps, 3, 4, 16, generator=g) * 2 + 1  # [steps, layers, q_heads, D]
+    positions = list(range(100, 100 + steps))
+
+    def deferred(shift_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        moments = stats.QueryMoments()
+        for step, (q, p) in enumerate(zip(queries, positions, strict=True)):
+            moments.defer(q, p + (1 if shift_one and step == 3 else 0), rope)
+            if step == stats.PENDING_QUERIES_LIMIT - 1:
+                assert moments.pending == [] and moments.count.tolist() == [float(step + 1)] * 3
+        return moments.mean_and_covariance()
+
+    one_by_one = stats.QueryMoments()
+    for q, p in zip(queries, positions, strict=True):
+        for layer in range(3):
+            one_by_one.add(layer, 3, rope.unrotate(q[layer][None], torch.tensor([p])))
+    want_mean, want_cov = one_by_one.mean_and_covariance()
+    mean, cov = deferred(shift_one=False)
+    assert torch.allclose(mean, want_mean, atol=1e-5) and torch.allclose(cov, want_cov, atol=1e-4)
+    wrong_mean, _ = deferred(shift_one=True)
+    assert not torch.allclose(wrong_mean, want_mean, atol=1e-5)

@@ -32,7 +32,12 @@ class Observe(enum.Enum):
 class QueryMoments:
     """Running sums of one request's queries before RoPE, per layer and query head, from which
     expected attention takes their mean and covariance. float64: the covariance is
-    E[q q^T] - mean mean^T, and queries have large means."""
+    E[q q^T] - mean mean^T, and queries have large means.
+
+    Decode queries are buffered as they came (rotated) and folded in batches (`defer`): one
+    un-rotation and one [D, k] x [k, D] product per layer and head for k queries, where adding
+    each step's rank-one update reads and writes the whole float64 outer-product sum, every
+    step and every request (measured: docs/results/decode_overhead.json)."""
 
     total: torch.Tensor | None = None
     """[layers, q_heads, head_dim]"""
@@ -40,14 +45,34 @@ class QueryMoments:
     """[layers, q_heads, head_dim, head_dim]"""
     count: torch.Tensor | None = None
     """[layers] queries added per layer"""
+    pending: list[torch.Tensor] = field(default_factory=list)
+    """Decode queries not yet folded in, each [layers, q_heads, head_dim], rotated."""
+    pending_positions: list[int] = field(default_factory=list)
+    rope: RopeTable | None = None
 
-    def add_all_layers(self, queries: torch.Tensor) -> None:
-        """queries: [layers, q_heads, head_dim], one query per layer (a decode step), un-rotated."""
-        self._allocate(*queries.shape, queries.device)
-        q = queries.double()
-        self.total += q
-        self.outer += q[..., :, None] * q[..., None, :]
-        self.count += 1
+    def defer(self, queries: torch.Tensor, position: int, rope: RopeTable) -> None:
+        """queries: [layers, q_heads, head_dim], one decode query per layer, still rotated to
+        `position`; folded in with the others once PENDING_QUERIES_LIMIT are buffered, or when
+        the moments are read."""
+        self.pending.append(queries)
+        self.pending_positions.append(position)
+        self.rope = rope
+        if len(self.pending) >= PENDING_QUERIES_LIMIT:
+            self.fold()
+
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        q = torch.stack(self.pending)  # [k, layers, q_heads, D]
+        k, layers, heads, dim = q.shape
+        positions = torch.tensor(self.pending_positions)
+        q = self.rope.unrotate(q.reshape(k, layers * heads, dim), positions)
+        q = q.view(k, layers, heads, dim).double()
+        self._allocate(layers, heads, dim, q.device)
+        self.total += q.sum(0)
+        self.outer += torch.einsum("klhi,klhj->lhij", q, q)
+        self.count += k
+        self.pending, self.pending_positions = [], []
 
     def _allocate(self, num_layers: int, heads: int, dim: int, device: torch.device) -> None:
         if self.total is None:
@@ -58,12 +83,7 @@ class QueryMoments:
 
     def add(self, layer: int, num_layers: int, queries: torch.Tensor) -> None:
         """queries: [n, q_heads, head_dim], already un-rotated."""
-        if self.total is None:
-            _, heads, dim = queries.shape
-            kw = {"dtype": torch.float64, "device": queries.device}
-            self.total = torch.zeros(num_layers, heads, dim, **kw)
-            self.outer = torch.zeros(num_layers, heads, dim, dim, **kw)
-            self.count = torch.zeros(num_layers, **kw)
+        self._allocate(num_layers, queries.shape[1], queries.shape[2], queries.device)
         q = queries.double()
         self.total[layer] += q.sum(0)
         self.outer[layer] += torch.einsum("nhi,nhj->hij", q, q)
@@ -71,6 +91,7 @@ class QueryMoments:
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 [layers, q_heads, D] and [layers, q_heads, D, D] (population covariance)."""
+        self.fold()
         if self.total is None or bool((self.count == 0).any()):
             raise ValueError("no queries were observed")
         n = self.count[:, None, None]
@@ -79,9 +100,12 @@ class QueryMoments:
         return mean.float(), cov.float()
 
 
-PENDING_QUERIES_LIMIT = 32
-"""Deferred decode queries a request buffers before they are folded into its scores anyway
-(bounds the buffer: layers x q_heads x head_dim each)."""
+PENDING_QUERIES_LIMIT = 65
+"""Deferred decode queries a request buffers before they are folded into its scores anyway.
+One more than the default slack, so that with the default only the compaction that reads
+them folds them (an earlier fold costs a second pass over every layer's keys). Bounds the
+buffer at 65 x layers x q_heads x head_dim per request: 2.2 MB for SmolLM2-135M in bf16,
+17 MB for Llama-3.1-8B."""
 
 
 @dataclass
@@ -431,9 +455,10 @@ def split_moments(observations: list[Observation], starts: list[int], rope: Rope
 
 @dataclass
 class MomentsBatch:
-    """Decode-step query moments (expected attention) for many requests: every layer un-rotates
-    all their queries at once into one buffer, and the end of the step adds each request's
-    column of every layer in one call (finish_step), so the layer loop has no per-request work."""
+    """Decode-step query moments (expected attention) for many requests: every layer copies
+    all their queries into one buffer with one index, and the end of the step hands each
+    request its column (finish_step; QueryMoments.defer folds them in later, in batches), so
+    the layer loop has no per-request work."""
 
     observations: list[Observation]
     tokens: torch.Tensor
@@ -442,21 +467,20 @@ class MomentsBatch:
     """[B] its logical position (RoPE)."""
     rope: RopeTable
     buffer: torch.Tensor | None = None
-    """[layers, B, q_heads, D] un-rotated queries of this step."""
+    """[layers, B, q_heads, D] this step's queries, as the layers received them (rotated)."""
 
     def observe(self, layer: int, num_layers: int, query: torch.Tensor) -> None:
-        device = query.device
-        self.tokens = self.tokens.to(device)  # a no-op after the first layer
-        q = query[self.tokens]
+        self.tokens = self.tokens.to(query.device)  # a no-op after the first layer
         if self.buffer is None:
-            self.buffer = torch.zeros(num_layers, *q.shape, dtype=torch.float32, device=device)
-        self.buffer[layer] = self.rope.unrotate(q, self.positions)
+            self.buffer = query.new_zeros(num_layers, len(self.observations), *query.shape[1:])
+        self.buffer[layer] = query[self.tokens]
 
     def finish(self) -> None:
         if self.buffer is None:
             return  # the forward never reached an observed layer
-        for b, ob in enumerate(self.observations):
-            ob.moments.add_all_layers(self.buffer[:, b])
+        for b, (ob, position) in enumerate(zip(self.observations, self.positions.tolist(),
+                                               strict=True)):
+            ob.moments.defer(self.buffer[:, b], position, self.rope)
 
 
 def finish_step(plan: StepPlan | None) -> None:
