@@ -14,6 +14,11 @@ makes no difference here: answers are at most --max-tokens long, less than our s
 
 Rows go to the quality results file with policy "kvpress-<our name>" (and "kvpress-none", no
 press: Hugging Face's full cache); rows already there are skipped, so a run resumes.
+
+On another machine (a GPU with torch and transformers, no vLLM): `--write-spec F` writes the
+jobs, token ids included, and stops; there, `python kvpress_run.py --worker F --device cuda
+--model DIR > OUT` runs them; back here, `--import-outputs OUT --spec F` scores and records
+the rows.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ EAGER = {"h2o"}
 
 # ====================================================================== kvpress side (its venv)
 
-def worker(spec_path: str) -> None:
+def worker(spec_path: str, device: str = "cpu", model_dir: str | None = None) -> None:
     """Reads jobs from the spec, writes one JSON line per finished job to stdout."""
     import kvpress
     import torch
@@ -60,18 +65,19 @@ def worker(spec_path: str) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     spec = json.loads(Path(spec_path).read_text())
+    model_dir = model_dir or spec["model"]
     torch.manual_seed(0)
     models: dict[str, Any] = {}
 
     def model_for(attention: str):
         if attention not in models:
             models[attention] = AutoModelForCausalLM.from_pretrained(
-                spec["model"], dtype=torch.float32, attn_implementation=attention).eval()
+                model_dir, dtype=torch.float32, attn_implementation=attention).eval().to(device)
         return models[attention]
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for job in spec["jobs"]:
-        ids = torch.tensor([job["input_ids"]])
+        ids = torch.tensor([job["input_ids"]], device=device)
         generate = {"attention_mask": torch.ones_like(ids), "do_sample": False,
                     "max_new_tokens": spec["max_tokens"]}
         press, model = None, model_for("eager" if job["policy"] in EAGER else "sdpa")
@@ -90,7 +96,9 @@ def worker(spec_path: str) -> None:
         print(json.dumps({"key": job["key"], "output": tokenizer.decode(new, skip_special_tokens=True),
                           "completion_tokens": int(new.shape[0]),
                           "latency_s": round(time.perf_counter() - started, 3),
-                          "press": repr(press) if press is not None else None}), flush=True)
+                          "press": repr(press) if press is not None else None,
+                          "device": torch.cuda.get_device_name() if device == "cuda" else device}),
+              flush=True)
 
 
 # ====================================================================== orchestration (.venv)
@@ -141,14 +149,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "seed": sample["seed"], "policy": row_policy, "budget": budget,
                          "answers": sample["answers"], "prompt_tokens": len(ids),
                          "max_tokens": args.max_tokens, "prefill": not args.no_prefill}
+    # Condition by condition (full cache, then the largest budget first, policies in the order
+    # given), every sample of one before the next: a run cut short leaves whole cells.
+    order = {p: i for i, p in enumerate(args.policies)}
+    jobs.sort(key=lambda j: (j["budget"] is not None, -(j["budget"] or 0), order[j["policy"]]))
     print(f"[kvpress] {len(samples)} samples x {len(grid)} conditions; {len(jobs)} to run",
           flush=True)
     if not jobs:
         return {"rows_run": 0}
-    python = kvpress_python()
-    spec = Path(args.results).with_suffix(".kvpress-spec.json")
+    spec = Path(args.write_spec or Path(args.results).with_suffix(".kvpress-spec.json"))
     spec.write_text(json.dumps({"model": str(Path(args.model).resolve()),
-                                "max_tokens": args.max_tokens, "jobs": jobs}))
+                                "max_tokens": args.max_tokens, "jobs": jobs, "rows": rows}))
+    if args.write_spec:
+        print(f"[kvpress] wrote {spec}: run it with --worker {spec.name} where kvpress is", flush=True)
+        return {"rows_run": 0}
+    python = kvpress_python()
     writer = ResultsWriter(results)
     bar = tqdm(total=len(jobs), desc="kvpress", unit="req", dynamic_ncols=True)
     finished = 0
@@ -156,16 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             stdout=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
-            if not line.startswith("{"):
-                continue  # anything else a library printed
-            out = json.loads(line)
-            row = rows[out["key"]]
-            row.update(output=out["output"], score=score(out["output"], row["answers"]),
-                       completion_tokens=out["completion_tokens"], latency_s=out["latency_s"],
-                       press=out["press"], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            writer.write(row)
-            finished += 1
-            bar.update(1)
+            if record(line, rows, writer, score):
+                finished += 1
+                bar.update(1)
     finally:
         bar.close()
         writer.close()
@@ -175,6 +183,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if proc.returncode != 0:
         sys.exit(f"kvpress worker failed (exit {proc.returncode}) after {finished} rows; rerun "
                  "to resume")
+    return {"rows_run": finished}
+
+
+def record(line: str, rows: dict[str, dict[str, Any]], writer: Any, score: Any) -> bool:
+    """Score one worker output line and write its row; False for a line that is not one."""
+    if not line.startswith("{"):
+        return False  # anything else a library printed
+    out = json.loads(line)
+    row = dict(rows[out["key"]])
+    row.update(output=out["output"], score=score(out["output"], row["answers"]),
+               completion_tokens=out["completion_tokens"], latency_s=out["latency_s"],
+               press=out["press"], kvpress_device=out.get("device", "cpu"),
+               time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    writer.write(row)
+    return True
+
+
+def import_outputs(args: argparse.Namespace) -> dict[str, Any]:
+    """Record the outputs of a worker run elsewhere (--write-spec) into the results file."""
+    from benchmarks.quality.run import ResultsWriter, read_results, score
+
+    rows = json.loads(Path(args.spec).read_text())["rows"]
+    done = {(r["model"], r["id"], r["policy"], r["budget"]) for r in read_results(Path(args.results))}
+    writer, finished = ResultsWriter(Path(args.results)), 0
+    try:
+        for line in Path(args.import_outputs).read_text().splitlines():
+            if line.startswith("{"):
+                row = rows[json.loads(line)["key"]]
+                if (row["model"], row["id"], row["policy"], row["budget"]) in done:
+                    continue
+            finished += record(line, rows, writer, score)
+    finally:
+        writer.close()
+    print(f"[kvpress] imported {finished} rows into {args.results}", flush=True)
     return {"rows_run": finished}
 
 
@@ -196,11 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--cache-dir", default=str(ruler.DEFAULT_CACHE))
+    p.add_argument("--write-spec", metavar="FILE",
+                   help="write the jobs to FILE and stop (to run them on another machine)")
+    p.add_argument("--import-outputs", metavar="FILE",
+                   help="record a worker's outputs (with --spec, the spec it ran)")
+    p.add_argument("--spec", metavar="FILE", help="the spec --import-outputs belongs to")
     return p
 
 
+def worker_main(argv: list[str]) -> None:
+    """`--worker SPEC [--device cuda] [--model DIR]`: needs only torch, transformers, kvpress."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None)
+    a = p.parse_args(argv)
+    worker(a.worker, a.device, a.model)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker(sys.argv[2])
+    if sys.argv[1:2] == ["--worker"]:
+        worker_main(sys.argv[1:])
     else:
-        run(build_parser().parse_args())
+        parsed = build_parser().parse_args()
+        if parsed.import_outputs:
+            if not parsed.spec:
+                sys.exit("--import-outputs needs --spec, the spec file the worker ran")
+            import_outputs(parsed)
+        else:
+            run(parsed)
