@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=96)
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="an extra flag for the plugin's server, e.g. --server-arg=--kv-prefill-eviction "
+                         "(its admission then counts each request's bound)")
     ap.add_argument("--name", default="decode_heavy",
                     help="docs/results/NAME.{json,png} (e.g. decode_heavy_16 for --requests 16)")
     args = ap.parse_args()
@@ -85,7 +88,8 @@ def main() -> None:
 
     vanilla_before = run_vanilla()
     plugin = {}
-    server = serve("plugin", args, ["--kv-eviction", "none", "--kv-slack", "64"], {})
+    server = serve("plugin", args, ["--kv-eviction", "none", "--kv-slack", "64", *args.server_arg],
+                   {})
     try:
         for policy in args.policies:
             plugin[policy] = asyncio.run(_run(server, args.model, *workload,

@@ -83,3 +83,45 @@ def test_quality_pipeline_runs_resumes_and_reports(tiny_model, tmp_path):
     text = md.read_text()
     assert TASK in text and "streaming" in text and "full cache" in text and f"| {BUDGET} |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kvpress_jobs_written_for_another_machine_come_back_as_scored_rows(tiny_model, tmp_path):
+    """--write-spec (the jobs, token ids included, for a GPU without vLLM), the worker's output
+    lines as it prints them, then --import-outputs: scored rows, whole conditions first, and a
+    second import adds nothing. An output for a job the spec does not hold is refused."""
+    from benchmarks.quality import kvpress_run
+
+    results, spec = tmp_path / "results.jsonl", tmp_path / "spec.json"
+    argv = ["--model", tiny_model, "--tasks", TASK, "--context-lens", str(CONTEXT),
+            "--samples", str(SAMPLES), "--policies", "none", "tova", "streaming",
+            "--budgets", "64", "128", "--results", str(results), "--cache-dir",
+            str(tmp_path / "ruler"), "--max-tokens", "8", "--write-spec", str(spec)]
+    kvpress_run.run(kvpress_run.build_parser().parse_args(argv))
+    written = json.loads(spec.read_text())
+    conditions = [(j["policy"], j["budget"]) for j in written["jobs"]]
+    assert conditions == [(p, b) for p, b in [("none", None), ("tova", 128), ("streaming", 128),
+                                              ("tova", 64), ("streaming", 64)]
+                          for _ in range(SAMPLES)]
+    assert not results.exists() and all(j["input_ids"] for j in written["jobs"])
+
+    outputs = tmp_path / "outputs.jsonl"
+    lines = ["a library's own print"]
+    for i, job in enumerate(written["jobs"]):
+        answer = written["rows"][job["key"]]["answers"][0] if i % 2 == 0 else "nothing"
+        lines.append(json.dumps({"key": job["key"], "output": answer, "completion_tokens": 3,
+                                 "latency_s": 0.1, "press": None, "device": "NVIDIA H200"}))
+    outputs.write_text("\n".join(lines) + "\n")
+    imported = ["--results", str(results), "--import-outputs", str(outputs), "--spec", str(spec)]
+    kvpress_run.import_outputs(kvpress_run.build_parser().parse_args(imported))
+    rows = run.read_results(results)
+    assert len(rows) == len(written["jobs"])
+    assert [r["score"] for r in rows] == [1.0 if i % 2 == 0 else 0.0 for i in range(len(rows))]
+    assert {r["policy"] for r in rows} == {"kvpress-none", "kvpress-tova", "kvpress-streaming"}
+    assert {r["kvpress_device"] for r in rows} == {"NVIDIA H200"}
+    kvpress_run.import_outputs(kvpress_run.build_parser().parse_args(imported))
+    assert len(run.read_results(results)) == len(rows)  # already there: skipped
+
+    outputs.write_text(json.dumps({"key": "other|tova|64", "output": "", "completion_tokens": 0,
+                                   "latency_s": 0, "press": None}) + "\n")
+    with pytest.raises(KeyError, match="not in this spec"):
+        kvpress_run.import_outputs(kvpress_run.build_parser().parse_args(imported))

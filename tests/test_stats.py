@@ -163,6 +163,20 @@ def test_deferred_decode_queries_equal_measuring_each_step():
     for d, e, s in zip(deferred, each_step, initial, strict=True):
         assert torch.allclose(d, e, atol=1e-5)
         assert not torch.allclose(d, s)
+    # While its pages may be shared (prefix caching) the same queries fold into the request's
+    # private scores, by physical position: the paged result read at its slots.
+    private_pending = stats.PendingQueries()
+    run(private_pending)
+    longest = first_len + steps - 1
+    private = [torch.full((longest + 3, HEADS), 7.0) for _ in range(layers)]
+    stats.flush_pending_queries(private_pending, initial, keys, table[0], PAGE, private)
+    slots = stats.page_slots(table[0], longest, PAGE)
+    for layer in range(layers):
+        paged = each_step[layer].view(-1, HEADS)[slots]
+        want = paged - initial[layer].view(-1, HEADS)[slots] + 7.0  # over 7 instead
+        want[first_len - 1:] = paged[first_len - 1:]  # the queries' own entries: from zero
+        assert torch.allclose(private[layer][:longest], want, atol=1e-5)
+        assert torch.equal(private[layer][longest:], torch.full((3, HEADS), 7.0))
     # Negative control: folded in against the other layer's keys, the scores differ.
     swapped_pending = stats.PendingQueries()
     swapped = run(swapped_pending)

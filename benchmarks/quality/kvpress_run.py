@@ -191,6 +191,8 @@ def record(line: str, rows: dict[str, dict[str, Any]], writer: Any, score: Any) 
     if not line.startswith("{"):
         return False  # anything else a library printed
     out = json.loads(line)
+    if out["key"] not in rows:
+        raise KeyError(f"kvpress output for job {out['key']!r}, which is not in this spec")
     row = dict(rows[out["key"]])
     row.update(output=out["output"], score=score(out["output"], row["answers"]),
                completion_tokens=out["completion_tokens"], latency_s=out["latency_s"],
@@ -210,8 +212,8 @@ def import_outputs(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for line in Path(args.import_outputs).read_text().splitlines():
             if line.startswith("{"):
-                row = rows[json.loads(line)["key"]]
-                if (row["model"], row["id"], row["policy"], row["budget"]) in done:
+                row = rows.get(json.loads(line)["key"])
+                if row and (row["model"], row["id"], row["policy"], row["budget"]) in done:
                     continue
             finished += record(line, rows, writer, score)
     finally:

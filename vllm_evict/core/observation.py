@@ -312,6 +312,8 @@ class DecodeBatch:
     """[B] bool: LATEST (overwrite) rather than ACCUMULATE (add; the new entry starts at 0)."""
     page: torch.Tensor
     slot: torch.Tensor
+    pages: torch.Tensor
+    """[B, cdiv(S, page_size)] each row's pages (page 0 past its end), for whole-page gathers."""
     hidden: torch.Tensor | None
     """[layers, B, kv_heads, S] bool: entries attention may not see (pyramidkv); None: all."""
     masked: torch.Tensor | None
@@ -336,17 +338,17 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
     return decode_batch(batch, starts, lengths, block_table, page_size), rest
 
 
-def defers(ob: Observation, num_queries: int, shared: bool = False) -> bool:
+def defers(ob: Observation, num_queries: int) -> bool:
     """Whether an observation may buffer its query (PendingQueries) instead of measuring it in
-    this step, with nothing hidden: a plain ACCUMULATE of one decode query into the paged
-    score buffer (not while the request's pages may be `shared`), or LATEST, whose last query
-    the next compaction scores itself (latest_query_scores), shared pages or not."""
+    this step, with nothing hidden: a plain ACCUMULATE of one decode query (folded later into
+    the paged score buffer or, while the request's pages may be shared, into its private
+    scores), or LATEST, whose last query the next compaction scores itself
+    (latest_query_scores)."""
     if ob.visible is not None:
         return False
     if ob.kind is Observe.LATEST:
         return True
-    return (ob.kind is Observe.ACCUMULATE and num_queries == 1 and not shared
-            and ob.private_scores is None)
+    return ob.kind is Observe.ACCUMULATE and num_queries == 1 and ob.private_scores is None
 
 
 def split_deferred(observations: list[Observation], starts: list[int], lengths: list[int]
@@ -395,11 +397,12 @@ class DeferredBatch:
 
 def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Tensor],
                           key_views: list[torch.Tensor], block_row: torch.Tensor,
-                          page_size: int) -> None:
+                          page_size: int, private: list[torch.Tensor] | None = None) -> None:
     """Add the buffered queries' attention to the request's scores (the paged buffer at its
-    pages in block_row) and empty the buffer: per layer one product of all
-    of them against the entries the longest saw, each query masked to its own length. Each
-    query's own entry starts from zero, as in observe_decode_batch."""
+    pages in block_row, or `private`, per layer [capacity, kv_heads] by physical position,
+    while its pages may be shared) and empty the buffer: per layer one product of all of them
+    against the entries the longest saw, each query masked to its own length. Each query's own
+    entry starts from zero, as in observe_decode_batch."""
     if not pending.queries:
         return
     device = key_views[0].device
@@ -408,7 +411,8 @@ def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Ten
     longest = max(pending.lengths)
     k, kv_heads, dim = queries.shape[0], key_views[0].shape[1], key_views[0].shape[3]
     pages = block_row[: cdiv(longest, page_size)].long()
-    slots = page_slots(block_row, longest, page_size)
+    slots = (page_slots(block_row, longest, page_size) if private is None
+             else torch.arange(longest, device=device))
     unseen = torch.arange(longest, device=device)[None, :] >= lengths[:, None]  # [k, S]
     own = slots[lengths - 1]
     for layer, key_view in enumerate(key_views):
@@ -417,7 +421,7 @@ def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Ten
         logits = torch.bmm(q.reshape(kv_heads, -1, dim), keys.transpose(1, 2))
         logits = logits.mul_(pending.scale).view(kv_heads, k, -1, longest)
         logits.masked_fill_(unseen[None, :, None, :], float("-inf"))
-        target = score_buffers[layer].view(-1, kv_heads)
+        target = score_buffers[layer].view(-1, kv_heads) if private is None else private[layer]
         target[own] = 0
         target[slots] += torch.softmax(logits, -1).sum(dim=(1, 2)).T
     pending.clear()
@@ -508,6 +512,7 @@ def decode_batch(batch: list[Observation], starts: list[int], lengths: list[int]
     page = block_table[rows][:, pos // page_size].long()  # [B, S]; padding reads page row 0
     slot = (pos % page_size).expand(len(batch), -1)
     page = torch.where(valid, page, torch.zeros_like(page))
+    pages = page[:, ::page_size]  # the first slot of every page is valid wherever its page is
     hidden = masked = None
     if any(ob.visible is not None for ob in batch):
         masked = torch.tensor([ob.visible is not None for ob in batch], device=device)
@@ -523,7 +528,24 @@ def decode_batch(batch: list[Observation], starts: list[int], lengths: list[int]
         token=torch.tensor([starts[ob.row + 1] - 1 for ob in batch], device=device),
         flat=page * page_size + slot, valid=valid,
         latest=torch.tensor([ob.kind is Observe.LATEST for ob in batch], device=device),
-        page=page, slot=slot, hidden=hidden, masked=masked)
+        page=page, slot=slot, pages=pages, hidden=hidden, masked=masked)
+
+
+def gather_batch(view: torch.Tensor, batch: DecodeBatch, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """float32 [B, S, kv_heads, D]: the batch's held entries of `view` (or of its `rows`).
+    Whole pages with one index_select for tensor views (several times faster on CPU than
+    indexing every (page, slot) pair through the transposed K view); padding past a row's
+    length reads page 0 and is masked by the caller."""
+    longest = batch.valid.shape[1]
+    if isinstance(view, torch.Tensor):
+        pages = batch.pages if rows is None else batch.pages[rows]
+        b, p = pages.shape
+        tiles = view.index_select(0, pages.reshape(-1))  # [b * p, kv_heads, page, D]
+        tiles = tiles.view(b, p, *tiles.shape[1:]).transpose(2, 3)  # [b, p, page, kv, D]
+        return tiles.reshape(b, -1, *tiles.shape[3:])[:, :longest].float()
+    page, slot = (batch.page, batch.slot) if rows is None else (batch.page[rows], batch.slot[rows])
+    return view[page, :, slot].float()  # MappedPagedView
 
 
 def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
@@ -531,7 +553,7 @@ def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
                          output: torch.Tensor, scale: float) -> None:
     """One layer's statistics for a DecodeBatch; scores: the layer's buffer as [slots, kv_heads]."""
     _, kv_heads, _, dim = key_view.shape
-    keys = key_view[batch.page, :, batch.slot].float()  # [B, S, kv_heads, D]
+    keys = gather_batch(key_view, batch)  # [B, S, kv_heads, D]
     q = query[batch.token].float()  # [B, q_heads, D]
     b = q.shape[0]
     q = q.view(b, kv_heads, -1, dim)
@@ -542,7 +564,7 @@ def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
     probs = torch.softmax(logits.masked_fill(masked, float("-inf")), dim=-1)
     if batch.hidden is not None:  # recompute the masked rows' output over the visible entries
         rows = batch.masked
-        values = value_view[batch.page[rows], :, batch.slot[rows]].float()
+        values = gather_batch(value_view, batch, rows)
         out = torch.einsum("bhgs,bshd->bhgd", probs[rows], values).reshape(-1, q.shape[1] * q.shape[2], dim)
         output[batch.token[rows]] = out.to(output.dtype)
     weights = probs.sum(dim=2).transpose(1, 2)  # [B, S, kv_heads]

@@ -176,7 +176,7 @@ class EvictionRunnerMixin:
                 pending = state.pending_queries
                 # On CPU; the GPU measures it in its own step with one Triton launch for the
                 # batch (attention/gpu.py).
-                deferred = self._eviction_is_cpu and stats.defers(observation, scheduled, shared)
+                deferred = self._eviction_is_cpu and stats.defers(observation, scheduled)
                 if shared and not deferred:
                     views = self._kv_views()
                     key0 = views[0][0]
@@ -213,8 +213,14 @@ class EvictionRunnerMixin:
             return  # a buffered LATEST query is scored by the compaction that reads it
         views = self._kv_views()
         started = time.perf_counter()
+        private = None
+        if self._pages_may_be_shared(state):  # its scores stay its own until it compacts
+            key0 = views[0][0]
+            private = state.private_scores_for(max(state.pending_queries.lengths), len(views),
+                                               key0.shape[1], key0.device)
         stats.flush_pending_queries(state.pending_queries, self._score_buffers,
-                                    [k for k, _ in views], pages, self._eviction_page_size)
+                                    [k for k, _ in views], pages, self._eviction_page_size,
+                                    private)
         metrics().scoring_seconds.inc(time.perf_counter() - started)
 
     def _evicted_of_row(self, row: int) -> int:
