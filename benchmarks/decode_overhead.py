@@ -10,7 +10,7 @@ policies in rotated orders, each round followed by a drift probe (the first poli
 the median step is reported
 (robust to the other work on a shared machine). The steps include the compactions (every
 slack + 1 = 65 tokens). Ratios are over the same configuration's vanilla and streaming steps.
-Writes docs/results/decode_overhead.{json,png}.
+Writes docs/results/decode_overhead.{json,png} (`--name` for another file).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def plot(result: dict) -> None:
     fig.suptitle(f"median decode step, CPU, budget {cfg['budget']}, {cfg['steps']} steps; "
                  "labels: ms and ratio over streaming", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, RESULTS / "decode_overhead.png")
+    save_figure(fig, RESULTS / f"{result['config']['name']}.png")
 
 
 def main() -> None:
@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds over all policies, each in a rotated order")
     ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--name", default="decode_overhead",
+                    help="docs/results/NAME.{json,png}: a partial rerun keeps the full table")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -159,7 +161,7 @@ def main() -> None:
               json.dumps(runs[-1]["ratio_over_streaming"]), flush=True)
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "batch", "prompt_len")}
     result = {"config": config, "runs": runs}
-    print(write_json("decode_overhead", result))
+    print(write_json(args.name, result))
     plot(result)
 
 

@@ -184,14 +184,25 @@ def test_kept_sets_are_the_top_independent_scores(runs, captures, name):
 
 
 def test_pyramidkv_layers_see_shrinking_budgets_of_the_best_snapkv_tokens(runs, captures):
-    """At the end of prefill every layer holds the same entries, and layer l's attention sees
-    its budget (64 -> 21 over 4 layers) of the highest SnapKV scores."""
+    """At the end of prefill (79 held: budget 64 + 15 of the slack cycle) layer l's attention
+    sees the highest SnapKV scores but budget - ramp(l): the ramp 64 -> 21 over 4 layers hides
+    0, 14, 29, 43, in whole pages of 32: 0, 0, 32, 32, which the CPU backend skips (the HF
+    oracle above checks the logprobs)."""
     first = min(runs["pyramidkv"][1], key=lambda r: r["logical_len"])
     assert first["logical_len"] == len(PROMPT)  # it waited for the end of prefill
-    assert [[len(h) for h in layer] for layer in first["kept"]] == [[64] * 2, [50] * 2,
-                                                                   [35] * 2, [21] * 2]
+    assert [[len(h) for h in layer] for layer in first["kept"]] == [[79] * 2, [79] * 2,
+                                                                   [47] * 2, [47] * 2]
     assert _kept_sets_follow("snapkv", [first], captures["pyramidkv"])
     assert not _kept_sets_follow("h2o", [first], captures["pyramidkv"])
+
+
+def test_the_oracle_fails_if_the_skipped_pages_were_seen(runs, hf):
+    """Negative control for the skipped pages: HF told that the last layers saw what layer 1
+    sees (a page more than the engine let them) must not reproduce pyramidkv's logprobs."""
+    result, records = runs["pyramidkv"]
+    wrong = [{**r, "kept": [*r["kept"][:2], r["kept"][1], r["kept"][1]]} for r in records]
+    report = compare(hf, PROMPT, result["token_ids"], result["logprobs"], wrong)
+    assert report["max_abs_dlogprob"] > 100 * TOLERANCE, report
 
 
 @pytest.mark.parametrize("name, judged_as", [("h2o", "tova"), ("tova", "h2o"),

@@ -168,3 +168,23 @@ def test_bounded_requests_are_admitted_only_where_their_peaks_fit_together(tiny_
         steps.setdefault(line["step"], []).append(line)
     assert max(len(running) for running in steps.values()) == usable // peak
     assert all(len(running) * peak <= usable for running in steps.values())
+
+
+def test_pyramidkv_hidden_pages_hold_across_chunk_compactions(tiny_model, hf_model, tmp_path):
+    """pyramidkv compacted at every chunk point: its hidden entries (32, 64, 96 of 128 in
+    layers 1-3) fill the first pages, which the CPU backend's attention skips, also for the
+    prefill chunks that follow. HF with each layer's visible mask reproduces the logprobs,
+    and fails with the layers' full held sets."""
+    prompt = LONG[:1024]
+    server = {**SERVER, "policy": "pyramidkv"}
+    out = run_engine_job({"engine": _engine(tiny_model, server), "requests": [_request(prompt)]},
+                         tmp_path / "pyramid", dump_dir=tmp_path / "dump", timeout=300)
+    result = out["results"][0]
+    records = records_for(read_dump(tmp_path / "dump"), result["request_id"])
+    assert [len(layer[0]) for layer in records[0]["kept"]] == [128, 96, 64, 32]
+    report = compare(hf_model, prompt, result["token_ids"], result["logprobs"], records)
+    assert report["max_abs_dlogprob"] <= TOLERANCE, report
+    # Negative control: every layer judged as seeing what layer 0 sees.
+    wrong = [{**r, "kept": [r["kept"][0]] * len(r["kept"])} for r in records]
+    report = compare(hf_model, prompt, result["token_ids"], result["logprobs"], wrong)
+    assert report["max_abs_dlogprob"] > 100 * TOLERANCE, report

@@ -217,3 +217,72 @@ def test_a_buffered_latest_query_scored_at_the_compaction_equals_measuring_it():
     first = stats.PendingQueries([torch.stack([query[0]] * layers)], [length], 0.25)
     assert not torch.allclose(stats.latest_query_scores(first, keys, table[0].long(), length),
                               measured, atol=1e-3)
+
+
+def test_hidden_entries_deferred_equal_masked_each_step_and_no_output_is_recomputed():
+    """pyramidkv on CPU: the backend skips the hidden entries itself (backend_hides), so its
+    decode queries are deferred like h2o's. Folded with the visible masks they equal the
+    masked statistics measured step by step, and no step rewrites the backend's output."""
+    g = torch.Generator().manual_seed(13)
+    layers, first_len, steps = 2, 17, 5
+    keys, value, table = _layered_pages(g, layers)
+    queries = [torch.randn(1, HEADS * GROUP, DIM, generator=g) for _ in range(steps)]
+    caches = [torch.empty(1) for _ in range(layers)]
+    initial = [torch.rand(BLOCKS, PAGE, HEADS, generator=g) for _ in range(layers)]
+    held = first_len - 1
+    visible = [torch.rand(HEADS, held, generator=g) > 0.4 for _ in range(layers)]
+
+    def run(pending, backend_hides=True):
+        scores = [s.clone() for s in initial]
+        outputs = []
+        for t, query in enumerate(queries):
+            ob = stats.Observation(0, stats.Observe.ACCUMULATE, pending=pending, visible=visible,
+                                   backend_hides=backend_hides)
+            plan = stats.StepPlan([ob], scores, {c.data_ptr(): i for i, c in enumerate(caches)})
+            for layer in range(layers):
+                output = torch.full_like(query, 3.0)
+                stats.observe_layer(plan, caches[layer], keys[layer], value, query, output,
+                                    torch.tensor([0, 1]), torch.tensor([first_len + t]), table,
+                                    0.25)
+                outputs.append(output)
+            stats.finish_step(plan)
+        return scores, outputs
+
+    each_step, outputs = run(None)
+    assert all(torch.equal(o, torch.full_like(o, 3.0)) for o in outputs)  # backend's output kept
+    _, recomputed = run(None, backend_hides=False)  # the masked path rewrites it
+    assert not any(torch.equal(o, torch.full_like(o, 3.0)) for o in recomputed)
+    assert stats.defers(stats.Observation(0, stats.Observe.ACCUMULATE, visible=visible,
+                                          backend_hides=True), 1)
+    pending = stats.PendingQueries()
+    deferred, _ = run(pending)
+    assert len(pending) == steps
+    stats.flush_pending_queries(pending, deferred, keys, table[0], PAGE, visible=visible)
+    for d, e, s in zip(deferred, each_step, initial, strict=True):
+        assert torch.allclose(d, e, atol=1e-5)
+        assert not torch.allclose(d, s)
+    # Negative control: folded without the masks, the queries' attention lands on hidden
+    # entries too, and the scores differ.
+    unmasked_pending = stats.PendingQueries()
+    unmasked, _ = run(unmasked_pending)
+    stats.flush_pending_queries(unmasked_pending, unmasked, keys, table[0], PAGE)
+    assert not torch.allclose(unmasked[0], each_step[0], atol=1e-3)
+
+
+def test_hidden_entries_are_ordered_into_whole_first_pages():
+    """hidden_first puts each layer's hidden entries in its first pages (both parts in logical
+    order) and counts the pages; a layer hiding part of a page, or different counts per head,
+    keeps the masked layout (None)."""
+    from vllm_evict.core.state import hidden_first
+
+    keep = torch.arange(12).expand(2, 2, 12).clone()  # [layers, kv_heads, target]
+    visible = torch.ones(2, 2, 12, dtype=torch.bool)
+    visible[1, :, [1, 4, 5, 9]] = False  # layer 1 hides 4 entries: one page of 4
+    ordered, shown, pages = hidden_first(keep, visible, page_size=4)
+    assert pages == [0, 1]
+    assert ordered[0, 0].tolist() == list(range(12))
+    assert ordered[1, 1].tolist() == [1, 4, 5, 9, 0, 2, 3, 6, 7, 8, 10, 11]
+    assert shown[1, 0].tolist() == [False] * 4 + [True] * 8
+    assert hidden_first(keep, visible, page_size=8)[2] is None  # half a page
+    visible[1, 0, 0] = False  # head 0 hides one more than head 1
+    assert hidden_first(keep, visible, page_size=4)[2] is None

@@ -147,8 +147,12 @@ class Observation:
     """QUERY_MOMENTS: where the request's queries are added, from window_from on."""
     visible: list[torch.Tensor] | None = None
     """Per layer [kv_heads, n] bool: which held entries (physical 0 .. n - 1) attention may see
-    (pyramidkv's per-layer budgets; None: all). The layer's output is recomputed with the
-    others masked; entries written since (n and later) are always visible."""
+    (pyramidkv's per-layer budgets; None: all); entries written since (n and later) are always
+    visible. The statistics mask the others; unless `backend_hides`, the layer's output is
+    recomputed with them masked too."""
+    backend_hides: bool = False
+    """The hidden entries fill the request's first pages of each layer and the backend's own
+    attention skips them (StepPlan.hidden_pages), so its output needs no recompute."""
     private_scores: list[torch.Tensor] | None = None
     """Per layer [capacity, kv_heads] float32, by physical position: the request's own scores
     while its pages may be shared with other requests (prefix caching, before its first
@@ -173,6 +177,9 @@ class StepPlan:
     derived: dict = field(default_factory=dict)
     """What a backend derives from the plan once per step and reuses in every layer (the GPU
     backend's kernel launches)."""
+    hidden_pages: list[list[int]] | None = None
+    """Per layer, per row of the step's batch: how many of the row's first pages that layer's
+    attention skips (pyramidkv's hidden entries, stored there); None: none anywhere."""
 
 
 logger = logging.getLogger("vllm.evict")
@@ -182,7 +189,7 @@ QUERY_BLOCK = 256
 
 def begin_step(plan: StepPlan | None) -> None:
     global _current
-    _current = plan if plan is not None and plan.observations else None
+    _current = plan if plan is not None and (plan.observations or plan.hidden_pages) else None
 
 
 def current_plan() -> StepPlan | None:
@@ -255,14 +262,15 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
             hidden = torch.zeros(kv_heads, seq, dtype=torch.bool, device=query.device)
             layer_visible = ob.visible[layer]
             hidden[:, : layer_visible.shape[1]] = ~layer_visible
+        recompute = hidden is not None and not ob.backend_hides
         n = last - first
         # Only the queries the statistic needs, in blocks so a long prefill chunk never builds
-        # more than QUERY_BLOCK x S probabilities at once. Masked requests need every query's
-        # output recomputed.
+        # more than QUERY_BLOCK x S probabilities at once. Masked requests whose backend saw the
+        # hidden entries need every query's output recomputed.
         observed = {Observe.LATEST: n - 1, Observe.WINDOW: ob.window_from}.get(ob.kind, 0)
-        start = 0 if hidden is not None else observed
+        start = 0 if recompute else observed
         keys = gather_paged(key_view, pages, seq)
-        values = gather_paged(value_view, pages, seq).float() if hidden is not None else None
+        values = gather_paged(value_view, pages, seq).float() if recompute else None
         weights = torch.zeros(kv_heads, seq, dtype=torch.float32, device=query.device)
         for lo in range(start, n, QUERY_BLOCK):
             hi = min(n, lo + QUERY_BLOCK)
@@ -317,7 +325,9 @@ class DecodeBatch:
     hidden: torch.Tensor | None
     """[layers, B, kv_heads, S] bool: entries attention may not see (pyramidkv); None: all."""
     masked: torch.Tensor | None
-    """[B] bool: the rows with hidden entries, whose output is recomputed."""
+    """[B] bool: the rows with hidden entries the backend saw, whose output is recomputed."""
+    recompute: bool = False
+    """Some row's output is recomputed (known on the host: no device sync)."""
 
 
 def split_decode(observations: list[Observation], starts: list[int], lengths: list[int],
@@ -340,11 +350,11 @@ def split_decode(observations: list[Observation], starts: list[int], lengths: li
 
 def defers(ob: Observation, num_queries: int) -> bool:
     """Whether an observation may buffer its query (PendingQueries) instead of measuring it in
-    this step, with nothing hidden: a plain ACCUMULATE of one decode query (folded later into
-    the paged score buffer or, while the request's pages may be shared, into its private
-    scores), or LATEST, whose last query the next compaction scores itself
-    (latest_query_scores)."""
-    if ob.visible is not None:
+    this step, with no output to recompute (nothing hidden, or hidden by the backend): a plain
+    ACCUMULATE of one decode query (folded later into the paged score buffer or, while the
+    request's pages may be shared, into its private scores), or LATEST, whose last query the
+    next compaction scores itself (latest_query_scores)."""
+    if ob.visible is not None and not ob.backend_hides:
         return False
     if ob.kind is Observe.LATEST:
         return True
@@ -397,12 +407,14 @@ class DeferredBatch:
 
 def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Tensor],
                           key_views: list[torch.Tensor], block_row: torch.Tensor,
-                          page_size: int, private: list[torch.Tensor] | None = None) -> None:
+                          page_size: int, private: list[torch.Tensor] | None = None,
+                          visible: list[torch.Tensor] | None = None) -> None:
     """Add the buffered queries' attention to the request's scores (the paged buffer at its
     pages in block_row, or `private`, per layer [capacity, kv_heads] by physical position,
     while its pages may be shared) and empty the buffer: per layer one product of all of them
-    against the entries the longest saw, each query masked to its own length. Each query's own
-    entry starts from zero, as in observe_decode_batch."""
+    against the entries the longest saw, each query masked to its own length and, with
+    `visible` (per layer [kv_heads, n], as in Observation), to what attention saw. Each
+    query's own entry starts from zero, as in observe_decode_batch."""
     if not pending.queries:
         return
     device = key_views[0].device
@@ -421,6 +433,9 @@ def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Ten
         logits = torch.bmm(q.reshape(kv_heads, -1, dim), keys.transpose(1, 2))
         logits = logits.mul_(pending.scale).view(kv_heads, k, -1, longest)
         logits.masked_fill_(unseen[None, :, None, :], float("-inf"))
+        if visible is not None:
+            shown = visible[layer].to(device)
+            logits[..., : shown.shape[1]].masked_fill_(~shown[:, None, None, :], float("-inf"))
         target = score_buffers[layer].view(-1, kv_heads) if private is None else private[layer]
         target[own] = 0
         target[slots] += torch.softmax(logits, -1).sum(dim=(1, 2)).T
@@ -515,7 +530,8 @@ def decode_batch(batch: list[Observation], starts: list[int], lengths: list[int]
     pages = page[:, ::page_size]  # the first slot of every page is valid wherever its page is
     hidden = masked = None
     if any(ob.visible is not None for ob in batch):
-        masked = torch.tensor([ob.visible is not None for ob in batch], device=device)
+        masked = torch.tensor([ob.visible is not None and not ob.backend_hides for ob in batch],
+                              device=device)
         num_layers = next(len(ob.visible) for ob in batch if ob.visible is not None)
         kv_heads = next(ob.visible for ob in batch if ob.visible is not None)[0].shape[0]
         hidden = torch.zeros(num_layers, len(batch), kv_heads, longest, dtype=torch.bool,
@@ -528,7 +544,8 @@ def decode_batch(batch: list[Observation], starts: list[int], lengths: list[int]
         token=torch.tensor([starts[ob.row + 1] - 1 for ob in batch], device=device),
         flat=page * page_size + slot, valid=valid,
         latest=torch.tensor([ob.kind is Observe.LATEST for ob in batch], device=device),
-        page=page, slot=slot, pages=pages, hidden=hidden, masked=masked)
+        page=page, slot=slot, pages=pages, hidden=hidden, masked=masked,
+        recompute=any(ob.visible is not None and not ob.backend_hides for ob in batch))
 
 
 def gather_batch(view: torch.Tensor, batch: DecodeBatch, rows: torch.Tensor | None = None
@@ -562,7 +579,8 @@ def observe_decode_batch(batch: DecodeBatch, layer: int, scores: torch.Tensor,
     if batch.hidden is not None:
         masked = masked | batch.hidden[layer][:, :, None, :]
     probs = torch.softmax(logits.masked_fill(masked, float("-inf")), dim=-1)
-    if batch.hidden is not None:  # recompute the masked rows' output over the visible entries
+    if batch.recompute:
+        # recompute the output of the rows the backend did not hide from, over the visible entries
         rows = batch.masked
         values = gather_batch(value_view, batch, rows)
         out = torch.einsum("bhgs,bshd->bhgd", probs[rows], values).reshape(-1, q.shape[1] * q.shape[2], dim)

@@ -27,6 +27,9 @@ class RequestEvictionState:
     visible: list[torch.Tensor] | None = None
     """Per layer [kv_heads, P] bool: held entries attention may see (None: all; pyramidkv's
     per-layer budgets hide the rest)."""
+    hidden_pages: list[int] | None = None
+    """Per layer, how many of the request's first pages hold its hidden entries, which that
+    layer's attention skips (hidden_first); None: hidden entries, if any, are masked instead."""
     policy_failed: bool = False
     """The policy raised or returned a malformed selection once (logged once per request)."""
     may_evict: bool = True
@@ -58,6 +61,7 @@ class RequestEvictionState:
         self.kept_positions = None
         self.positions_known_until = 0
         self.visible = None
+        self.hidden_pages = None
         self.query_moments = QueryMoments()
         self.pending_queries = PendingQueries()
         self.private_scores = None
@@ -105,8 +109,26 @@ class RequestEvictionState:
         return torch.cat([self.kept_positions, appended], dim=-1)
 
     def record_compaction(self, kept_positions: torch.Tensor, num_computed_tokens: int,
-                          visible: torch.Tensor | None = None) -> None:
+                          visible: torch.Tensor | None = None,
+                          hidden_pages: list[int] | None = None) -> None:
         self.visible = None if visible is None else list(visible)
+        self.hidden_pages = hidden_pages
         self.kept_positions = kept_positions
         self.positions_known_until = num_computed_tokens
         self.evicted = num_computed_tokens - kept_positions.shape[-1]
+
+
+def hidden_first(keep: torch.Tensor, visible: torch.Tensor, page_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """Order a selection so that each layer's hidden entries fill its first pages: (keep,
+    visible) reordered, hidden first, each part in logical order, and per layer the number of
+    pages they fill. A backend that starts the layer's attention after those pages needs no
+    mask. Where a layer hides different counts in different KV heads, or not whole pages, the
+    selection is returned as it was, with None (its output is recomputed with a mask)."""
+    hidden = (~visible).sum(-1)  # [layers, kv_heads]
+    per_layer = hidden[:, 0]
+    if not bool((hidden == per_layer[:, None]).all()) or bool((per_layer % page_size).any()):
+        return keep, visible, None
+    order = torch.sort(visible.to(torch.int8), dim=-1, stable=True).indices  # hidden (0) first
+    return (keep.gather(-1, order), visible.gather(-1, order),
+            (per_layer // page_size).tolist())

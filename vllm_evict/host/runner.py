@@ -24,7 +24,7 @@ from vllm_evict.core.config import EvictionConfig
 from vllm_evict.core.dump import KeptPositionsDump
 from vllm_evict.core.policies import SelectionInput, Statistic, check_selection, fallback_selection
 from vllm_evict.core.rope import RopeTable
-from vllm_evict.core.state import RequestEvictionState
+from vllm_evict.core.state import RequestEvictionState, hidden_first
 from vllm_evict.host.metrics import metrics
 from vllm_evict.kernels.compaction import apply_compaction, compaction_indices
 from vllm_evict.kernels.paged import cdiv, gather_paged
@@ -170,6 +170,7 @@ class EvictionRunnerMixin:
                 observation = None
             if observation is not None:
                 observation.visible = state.visible
+                observation.backend_hides = state.hidden_pages is not None
                 observation.moments = state.query_moments
                 shared = (observation.kind in PAGED_SCORE_KINDS
                           and self._pages_may_be_shared(state))
@@ -187,7 +188,8 @@ class EvictionRunnerMixin:
                 if deferred:
                     observation.pending = pending
                 observations.append(observation)
-        if not observations:
+        hidden_pages = self._hidden_pages_of_rows()
+        if not observations and hidden_pages is None:
             return None
         self._kv_views()
         # The rows' query starts and physical lengths, from the host's own arrays, so the
@@ -198,7 +200,18 @@ class EvictionRunnerMixin:
         lengths = [int(self.input_batch.num_computed_tokens_cpu[row]) + scheduled[row]
                    - self._evicted_of_row(row) for row in range(num_reqs)]
         return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache,
-                              rope=self._rope_table(), host_layout=(starts, lengths))
+                              rope=self._rope_table(), host_layout=(starts, lengths),
+                              hidden_pages=hidden_pages)
+
+    def _hidden_pages_of_rows(self) -> list[list[int]] | None:
+        """StepPlan.hidden_pages: per layer, per row, the first pages its attention skips."""
+        rows = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        states = [self.eviction_states.get(req_id) for req_id in rows]
+        hiding = [s.hidden_pages if s is not None else None for s in states]
+        if all(h is None for h in hiding):
+            return None
+        num_layers = len(next(h for h in hiding if h is not None))
+        return [[h[layer] if h is not None else 0 for h in hiding] for layer in range(num_layers)]
 
     def _page_ids(self, req_id: str) -> torch.Tensor:
         """The request's page ids, on the device that holds the cache."""
@@ -220,7 +233,7 @@ class EvictionRunnerMixin:
                                                key0.shape[1], key0.device)
         stats.flush_pending_queries(state.pending_queries, self._score_buffers,
                                     [k for k, _ in views], pages, self._eviction_page_size,
-                                    private)
+                                    private, state.visible)
         metrics().scoring_seconds.inc(time.perf_counter() - started)
 
     def _evicted_of_row(self, row: int) -> int:
@@ -327,6 +340,13 @@ class EvictionRunnerMixin:
             inp = self._selection_input(req_id, state, computed, target, page_ids, positions)
             keep, visible = self._select(state, inp)
             keep = keep.to(key0.device)
+            hidden_pages = None
+            if visible is not None and self._eviction_is_cpu:
+                # The CPU backend skips a layer's first pages (attention/cpu.py), so hidden
+                # entries go there and attention needs no mask. The GPU's in-place compaction
+                # needs ascending indices: there they are masked.
+                keep, visible, hidden_pages = hidden_first(keep, visible.to(key0.device),
+                                                           page_size)
             page_lists.append(page_ids)
             keeps.append(keep)
             fresh_lists.append(None if fresh is None else
@@ -334,7 +354,7 @@ class EvictionRunnerMixin:
             if state.private_scores is not None:  # goes with its first compaction's pages
                 private.append((fresh_lists[-1], keep, state.private_scores))
                 state.private_scores = None
-            state.record_compaction(positions.gather(-1, keep), computed, visible)
+            state.record_compaction(positions.gather(-1, keep), computed, visible, hidden_pages)
             if self.eviction_dump is not None:
                 self.eviction_dump.write(req_id, self.eviction_step, computed,
                                          state.visible_positions())
@@ -382,7 +402,7 @@ class EvictionRunnerMixin:
         return SelectionInput(request_id=req_id, positions=positions, num_computed_tokens=computed,
                               target_length=target, config=state.config, scores=scores,
                               keys=keys, values=values, query_moments=state.query_moments,
-                              rope=self._rope_table())
+                              rope=self._rope_table(), page_size=self._eviction_page_size)
 
     def _select(self, state: RequestEvictionState, inp: SelectionInput):
         """The policy's selection, or, if the policy raises or returns something malformed,

@@ -46,6 +46,8 @@ class SelectionInput:
     keys: [layers, kv_heads, P, head_dim] held keys, for Statistic.KEYS and QUERY_MOMENTS.
     values, query_moments, rope: held values, the request's query statistics and the model's
         rotary table, for Statistic.QUERY_MOMENTS.
+    page_size: entries per page of the cache; a policy that hides entries from attention
+        (`visible`) hides whole pages' worth per layer, so the backend can skip them.
     """
 
     request_id: str
@@ -58,6 +60,7 @@ class SelectionInput:
     values: torch.Tensor | None = None
     query_moments: QueryMoments | None = None
     rope: RopeTable | None = None
+    page_size: int = 1
 
 
 HEAD_MODES = ("per_head", "shared")
@@ -146,7 +149,9 @@ class Policy:
 
     def visible(self, inp: SelectionInput, keep: torch.Tensor) -> torch.Tensor | None:
         """[layers, kv_heads, target] bool: which kept entries attention may see. None (the
-        default) means all of them; a policy with per-layer budgets hides the rest."""
+        default) means all of them; a policy with per-layer budgets hides the rest. Hiding the
+        same multiple of `page_size` in every KV head of a layer lets the CPU backend skip
+        those pages instead of recomputing the layer's attention (runner: hidden pages)."""
         return None
 
 
