@@ -125,3 +125,25 @@ def test_kvpress_jobs_written_for_another_machine_come_back_as_scored_rows(tiny_
                                    "latency_s": 0, "press": None}) + "\n")
     with pytest.raises(KeyError, match="not in this spec"):
         kvpress_run.import_outputs(kvpress_run.build_parser().parse_args(imported))
+
+
+def test_default_results_keep_a_tracked_twin_without_outputs(tmp_path, monkeypatch):
+    """Rows written to the default results file (.cache/, lost with the machine) also go, minus
+    the model's output, to the tracked twin; on a new machine reading the default file finds
+    them there, so a run resumes and the report renders. Another file has no twin."""
+    from benchmarks.quality import results
+
+    default, twin = tmp_path / "cache" / "results.jsonl", tmp_path / "docs" / "scores.jsonl"
+    monkeypatch.setattr(results, "DEFAULT_RESULTS", default)
+    monkeypatch.setattr(results, "SCORES", twin)
+    row = {"model": "m", "id": "a", "policy": "tova", "budget": 8, "score": 1.0, "output": "x"}
+    writer = results.ResultsWriter(default)
+    writer.write(row)
+    writer.write({**row, "id": "b", "score": 0.0})
+    writer.close()
+    assert [r.get("output") for r in results.read_results(twin)] == [None, None]
+    default.unlink()  # a new machine
+    assert _keys(results.read_results(default)) == [("a", "tova", "8"), ("b", "tova", "8")]
+    other = tmp_path / "other.jsonl"
+    results.ResultsWriter(other).write(row)
+    assert len(results.read_results(twin)) == 2 and results.read_results(other) == [row]

@@ -33,11 +33,16 @@ if str(ROOT) not in sys.path:  # `python benchmarks/quality/run.py` works too
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import tasks as ruler  # noqa: E402
-from benchmarks.quality.results import ResultsWriter, read_results, row_key, score  # noqa: E402,F401
+from benchmarks.quality.results import (  # noqa: E402,F401
+    DEFAULT_RESULTS,
+    ResultsWriter,
+    read_results,
+    row_key,
+    score,
+)
 from tests.helpers.server import VllmServer  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"
-DEFAULT_RESULTS = ROOT / ".cache" / "quality" / "results.jsonl"
 FULL_CACHE = "none"  # the policy name that keeps every token
 SERVER_ARGS = ["--kv-eviction", FULL_CACHE, "--enforce-eager",
                # Each request computes its whole prompt, so every condition's latency counts
