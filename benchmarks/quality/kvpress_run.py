@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -157,7 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           flush=True)
     if not jobs:
         return {"rows_run": 0}
-    spec = Path(args.write_spec or Path(args.results).with_suffix(".kvpress-spec.json"))
+    # One spec per run (the pid), so runs of disjoint policies can share the results file.
+    spec = Path(args.write_spec or results.with_suffix(f".kvpress-spec.{os.getpid()}.json"))
+    spec.parent.mkdir(parents=True, exist_ok=True)  # a new machine has no .cache/quality yet
     spec.write_text(json.dumps({"model": str(Path(args.model).resolve()),
                                 "max_tokens": args.max_tokens, "jobs": jobs, "rows": rows}))
     if args.write_spec:
@@ -180,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if proc.poll() is None:
             proc.terminate()
         proc.wait()
+    spec.unlink(missing_ok=True)
     if proc.returncode != 0:
         sys.exit(f"kvpress worker failed (exit {proc.returncode}) after {finished} rows; rerun "
                  "to resume")
