@@ -67,12 +67,16 @@ class QueryMoments:
         k, layers, heads, dim = q.shape
         positions = torch.tensor(self.pending_positions)
         q = self.rope.unrotate(q.reshape(k, layers * heads, dim), positions)
-        q = q.view(k, layers, heads, dim).double()
         self._allocate(layers, heads, dim, q.device)
-        self.total += q.sum(0)
-        self.outer += torch.einsum("klhi,klhj->lhij", q, q)
-        self.count += k
+        self._accumulate(q.view(k, layers, heads, dim), slice(None))
         self.pending, self.pending_positions = [], []
+
+    def _accumulate(self, q: torch.Tensor, layers: slice) -> None:
+        """Add q [k, len(layers), q_heads, D], un-rotated, to the sums of `layers`."""
+        q = q.double()
+        self.total[layers] += q.sum(0)
+        self.outer[layers] += torch.einsum("klhi,klhj->lhij", q, q)
+        self.count[layers] += q.shape[0]
 
     def _allocate(self, num_layers: int, heads: int, dim: int, device: torch.device) -> None:
         if self.total is None:
@@ -84,10 +88,7 @@ class QueryMoments:
     def add(self, layer: int, num_layers: int, queries: torch.Tensor) -> None:
         """queries: [n, q_heads, head_dim], already un-rotated."""
         self._allocate(num_layers, queries.shape[1], queries.shape[2], queries.device)
-        q = queries.double()
-        self.total[layer] += q.sum(0)
-        self.outer[layer] += torch.einsum("nhi,nhj->hij", q, q)
-        self.count[layer] += q.shape[0]
+        self._accumulate(queries[:, None], slice(layer, layer + 1))
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 [layers, q_heads, D] and [layers, q_heads, D, D] (population covariance)."""
