@@ -178,6 +178,9 @@ class StepPlan:
     derived: dict = field(default_factory=dict)
     """What a backend derives from the plan once per step and reuses in every layer (the GPU
     backend's kernel launches)."""
+    kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per layer the (K, V) views of its cache (as score_buffers), built once by the runner, so
+    the attention wrappers need not build or cache their own; None: they build them."""
     hidden_pages: list[list[int]] | None = None
     """Per layer, per row of the step's batch: how many of the row's first pages that layer's
     attention skips (pyramidkv's hidden entries, stored there); None: none anywhere."""

@@ -201,7 +201,7 @@ class EvictionRunnerMixin:
                    - self._evicted_of_row(row) for row in range(num_reqs)]
         return stats.StepPlan(observations, self._score_buffers, self._layer_of_cache,
                               rope=self._rope_table(), host_layout=(starts, lengths),
-                              hidden_pages=hidden_pages)
+                              kv_views=self._kv_views(), hidden_pages=hidden_pages)
 
     def _hidden_pages_of_rows(self) -> list[list[int]] | None:
         """StepPlan.hidden_pages: per layer, per row, the first pages its attention skips."""

@@ -7,7 +7,6 @@ platform always picks CPU_ATTN, and it honours registered overrides.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 from vllm import _custom_ops as ops
@@ -19,7 +18,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_evict.core import observation as stats
-from vllm_evict.host.attention.layouts import LAYOUT_ENV, cpu_views
+from vllm_evict.host.attention.layouts import cpu_views
 from vllm_evict.host.attention.observing import ObservingImpl, observing_backend, register_over
 from vllm_evict.host.patching import extends
 
@@ -76,17 +75,9 @@ class HiddenPagesCPUAttentionImpl(CPUAttentionBackendImpl):
 
 
 class EvictionCPUAttentionImpl(ObservingImpl, HiddenPagesCPUAttentionImpl):
-    @staticmethod
-    def kv_views(layer, kv_cache):
-        # Built once per layer and cache tensor, kept on the layer (which holds the cache): every
-        # observed layer asks in every step, and building them (checks on the probed layout)
-        # cost more than a decode step's deferred statistics.
-        key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), layer.isa,
-               os.environ.get(LAYOUT_ENV))
-        cached = getattr(layer, "_eviction_kv_views", None)
-        if cached is None or cached[0] != key:
-            cached = layer._eviction_kv_views = (key, cpu_views(kv_cache, layer.isa))
-        return cached[1]
+    # The runner passes every layer's views, built once, with the step's plan; these build
+    # them where a plan has none.
+    kv_views = staticmethod(lambda layer, kv_cache: cpu_views(kv_cache, layer.isa))
     observe_layer = staticmethod(stats.observe_layer)
 
 

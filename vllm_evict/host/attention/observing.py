@@ -29,7 +29,11 @@ class ObservingImpl:
         if plan is not None and attn_metadata is not None:
             started = time.perf_counter()  # on GPU: launch time (the kernels run async)
             n = attn_metadata.num_actual_tokens
-            key_view, value_view = type(self).kv_views(layer, kv_cache)
+            index = plan.layer_of_cache.get(kv_cache.data_ptr())
+            if plan.kv_views is not None and index is not None:
+                key_view, value_view = plan.kv_views[index]
+            else:
+                key_view, value_view = type(self).kv_views(layer, kv_cache)
             type(self).observe_layer(
                 plan, kv_cache, key_view, value_view,
                 query[:n].view(n, self.num_heads, self.head_size),
