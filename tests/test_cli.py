@@ -26,7 +26,8 @@ def test_help_lists_the_flags_and_policies():
     out, _ = _vllm("serve", "--help=all").communicate(timeout=120)
     for flag in ("--kv-eviction", "--kv-budget", "--kv-sink-tokens", "--kv-window", "--kv-slack"):
         assert flag in out
-    assert "streaming: attention sinks" in out and "none: keep every token" in out
+    text = " ".join(out.split())  # argparse wraps the policy list wherever the lengths fall
+    assert "streaming: attention sinks" in text and "none: keep every token" in text
 
 
 BAD_FLAGS = [
