@@ -130,6 +130,52 @@ def _layered_pages(g: torch.Generator, layers: int):
     return keys, value, table
 
 
+def _decode_steps(make_observation, queries, initial, keys, value, table, first_len):
+    """One decode query a step, through every layer's observe_layer, with the scores starting
+    from `initial` and each output from 3.0; (scores, every step's output of every layer)."""
+    caches = [torch.empty(1) for _ in keys]
+    scores = [s.clone() for s in initial]
+    outputs = []
+    for t, query in enumerate(queries):
+        plan = stats.StepPlan([make_observation()], scores,
+                              {c.data_ptr(): i for i, c in enumerate(caches)})
+        for layer, cache in enumerate(caches):
+            output = torch.full_like(query, 3.0)
+            stats.observe_layer(plan, cache, keys[layer], value, query, output,
+                                torch.tensor([0, 1]), torch.tensor([first_len + t]), table, 0.25)
+            outputs.append(output)
+        stats.finish_step(plan)
+    return scores, outputs
+
+
+def test_step_queries_gather_the_same_rows_whether_kept_whole_or_copied(monkeypatch):
+    """A short step keeps each layer's query tensor and indexes the rows once at the end; a
+    long one (over KEPT_QUERY_ROWS) copies the rows in every layer. Both give the rows of
+    every layer, in the batch's order."""
+    g = torch.Generator().manual_seed(14)
+    layers, rows = 3, 9
+    per_layer = [torch.randn(rows, HEADS * GROUP, DIM, generator=g) for _ in range(layers)]
+    tokens = torch.tensor([7, 2, 8])
+    want = torch.stack([q[tokens] for q in per_layer])
+
+    def gathered(limit: int, skip: int | None = None) -> torch.Tensor:
+        monkeypatch.setattr(stats, "KEPT_QUERY_ROWS", limit)
+        kept = stats.StepQueries(tokens)
+        for layer, query in enumerate(per_layer):
+            if layer != skip:
+                kept.keep(layer, layers, query)
+        assert kept.whole == (rows <= limit)
+        return kept.gathered()
+
+    assert torch.equal(gathered(limit=rows), want)
+    assert torch.equal(gathered(limit=rows - 1), want)
+    assert stats.StepQueries(tokens).gathered() is None  # no layer reached
+    # Negative control: a layer the forward never observed reads zeros, not its queries.
+    skipped = gathered(limit=rows, skip=1)
+    assert torch.equal(skipped[1], torch.zeros_like(want[1]))
+    assert not torch.equal(skipped, want)
+
+
 def test_deferred_decode_queries_equal_measuring_each_step():
     """h2o/snapkv decode steps on CPU buffer their queries (PendingQueries) and fold them in
     at the next compaction: the scores then equal those measured step by step, in every
@@ -138,20 +184,12 @@ def test_deferred_decode_queries_equal_measuring_each_step():
     layers, first_len, steps = 2, 17, 6
     keys, value, table = _layered_pages(g, layers)
     queries = [torch.randn(1, HEADS * GROUP, DIM, generator=g) for _ in range(steps)]
-    caches = [torch.empty(1) for _ in range(layers)]
     initial = [torch.rand(BLOCKS, PAGE, HEADS, generator=g) for _ in range(layers)]
 
     def run(pending):
-        scores = [s.clone() for s in initial]
-        for t, query in enumerate(queries):
-            ob = stats.Observation(0, stats.Observe.ACCUMULATE, pending=pending)
-            plan = stats.StepPlan([ob], scores, {c.data_ptr(): i for i, c in enumerate(caches)})
-            for layer in range(layers):
-                stats.observe_layer(plan, caches[layer], keys[layer], value, query,
-                                    torch.zeros_like(query), torch.tensor([0, 1]),
-                                    torch.tensor([first_len + t]), table, 0.25)
-            stats.finish_step(plan)
-        return scores
+        return _decode_steps(lambda: stats.Observation(0, stats.Observe.ACCUMULATE,
+                                                       pending=pending),
+                             queries, initial, keys, value, table, first_len)[0]
 
     each_step = run(None)
     pending = stats.PendingQueries()
@@ -227,26 +265,15 @@ def test_hidden_entries_deferred_equal_masked_each_step_and_no_output_is_recompu
     layers, first_len, steps = 2, 17, 5
     keys, value, table = _layered_pages(g, layers)
     queries = [torch.randn(1, HEADS * GROUP, DIM, generator=g) for _ in range(steps)]
-    caches = [torch.empty(1) for _ in range(layers)]
     initial = [torch.rand(BLOCKS, PAGE, HEADS, generator=g) for _ in range(layers)]
     held = first_len - 1
     visible = [torch.rand(HEADS, held, generator=g) > 0.4 for _ in range(layers)]
 
     def run(pending, backend_hides=True):
-        scores = [s.clone() for s in initial]
-        outputs = []
-        for t, query in enumerate(queries):
-            ob = stats.Observation(0, stats.Observe.ACCUMULATE, pending=pending, visible=visible,
-                                   backend_hides=backend_hides)
-            plan = stats.StepPlan([ob], scores, {c.data_ptr(): i for i, c in enumerate(caches)})
-            for layer in range(layers):
-                output = torch.full_like(query, 3.0)
-                stats.observe_layer(plan, caches[layer], keys[layer], value, query, output,
-                                    torch.tensor([0, 1]), torch.tensor([first_len + t]), table,
-                                    0.25)
-                outputs.append(output)
-            stats.finish_step(plan)
-        return scores, outputs
+        return _decode_steps(lambda: stats.Observation(0, stats.Observe.ACCUMULATE,
+                                                       pending=pending, visible=visible,
+                                                       backend_hides=backend_hides),
+                             queries, initial, keys, value, table, first_len)
 
     each_step, outputs = run(None)
     assert all(torch.equal(o, torch.full_like(o, 3.0)) for o in outputs)  # backend's output kept

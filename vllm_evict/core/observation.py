@@ -184,6 +184,9 @@ class StepPlan:
     hidden_pages: list[list[int]] | None = None
     """Per layer, per row of the step's batch: how many of the row's first pages that layer's
     attention skips (pyramidkv's hidden entries, stored there); None: none anywhere."""
+    scoring_seconds: float = 0.0
+    """Time the attention wrappers spent measuring in this step (the scoring metric, counted
+    once per step rather than once per layer)."""
 
 
 logger = logging.getLogger("vllm.evict")
@@ -373,38 +376,69 @@ def split_deferred(observations: list[Observation], starts: list[int], lengths: 
     if not batch:
         return None, observations
     rest = [ob for ob in observations if all(ob is not b for b in batch)]
-    return DeferredBatch(batch, torch.tensor([starts[ob.row + 1] - 1 for ob in batch]),
-                         [lengths[ob.row] for ob in batch]), rest
+    last_rows = torch.tensor([starts[ob.row + 1] - 1 for ob in batch])
+    return DeferredBatch(batch, StepQueries(last_rows), [lengths[ob.row] for ob in batch]), rest
+
+
+KEPT_QUERY_ROWS = 64
+"""A step of at most this many query rows keeps each layer's query tensor whole until the end of
+the step (StepQueries): one stack and one index then, instead of an index and a copy in
+every layer. Longer steps (a prefill chunk among them) copy only the rows they need."""
+
+
+@dataclass
+class StepQueries:
+    """One query row per request (`tokens`) from every layer, gathered as [layers, B, q_heads,
+    D] at the end of the step. A short step keeps each layer's query tensor as it is (vLLM
+    writes nothing to it after the layer's attention) so that the layer loop does no work per
+    layer; a long one copies the rows."""
+
+    tokens: torch.Tensor
+    """[B] the rows in the step's query tensor."""
+    layers: list[torch.Tensor | None] = field(default_factory=list)
+    whole: bool = True
+    """layers holds whole query tensors (index at the end) rather than the rows."""
+
+    def keep(self, layer: int, num_layers: int, query: torch.Tensor) -> None:
+        if not self.layers:
+            self.layers = [None] * num_layers
+            self.whole = query.shape[0] <= KEPT_QUERY_ROWS
+            self.tokens = self.tokens.to(query.device)
+        self.layers[layer] = query if self.whole else query[self.tokens]
+
+    def gathered(self) -> torch.Tensor | None:
+        """[layers, B, q_heads, D]; a layer the forward never observed reads zeros. None: the
+        forward reached no observed layer."""
+        seen = next((q for q in self.layers if q is not None), None)
+        if seen is None:
+            return None
+        stacked = torch.stack([q if q is not None else torch.zeros_like(seen)
+                               for q in self.layers])
+        return stacked[:, self.tokens] if self.whole else stacked
 
 
 @dataclass
 class DeferredBatch:
-    """This step's deferred queries (each request's last): every layer copies them into one
-    buffer with one index, and the end of the step hands each request its column
-    (finish_step)."""
+    """This step's deferred queries (each request's last): kept by every layer (StepQueries)
+    and handed to each request at the end of the step (finish_step)."""
 
     observations: list[Observation]
-    tokens: torch.Tensor
-    """[B] the request's last query's row in the step's query tensor."""
+    queries: StepQueries
     lengths: list[int]
-    buffer: torch.Tensor | None = None
-    """[layers, B, q_heads, D]"""
     scale: float = 1.0
 
     def observe(self, layer: int, num_layers: int, query: torch.Tensor, scale: float) -> None:
-        self.tokens = self.tokens.to(query.device)  # a no-op after the first layer
-        if self.buffer is None:
-            self.buffer = query.new_zeros(num_layers, len(self.observations), *query.shape[1:])
-        self.buffer[layer] = query[self.tokens]
+        self.queries.keep(layer, num_layers, query)
         self.scale = scale
 
     def finish(self) -> None:
-        if self.buffer is None:
+        buffer = self.queries.gathered()
+        if buffer is None:
             return  # the forward never reached an observed layer
         for b, ob in enumerate(self.observations):
             if ob.kind is Observe.LATEST:
                 ob.pending.clear()  # only the latest query counts
-            ob.pending.queries.append(self.buffer[:, b])
+            ob.pending.queries.append(buffer[:, b])
             ob.pending.lengths.append(self.lengths[b])
             ob.pending.scale = self.scale
 
@@ -472,38 +506,33 @@ def split_moments(observations: list[Observation], starts: list[int], rope: Rope
     if not batch or rope is None:
         return None, observations
     rest = [ob for ob in observations if all(ob is not b for b in batch)]
-    return MomentsBatch(batch, torch.tensor([starts[ob.row] for ob in batch]),
-                        torch.tensor([ob.first_position for ob in batch]), rope), rest
+    rows = StepQueries(torch.tensor([starts[ob.row] for ob in batch]))
+    return MomentsBatch(batch, rows, torch.tensor([ob.first_position for ob in batch]), rope), rest
 
 
 @dataclass
 class MomentsBatch:
-    """Decode-step query moments (expected attention) for many requests: every layer copies
-    all their queries into one buffer with one index, and the end of the step hands each
-    request its column (finish_step; QueryMoments.defer folds them in later, in batches), so
-    the layer loop has no per-request work."""
+    """Decode-step query moments (expected attention) for many requests: kept by every layer
+    (StepQueries) and handed to each request at the end of the step (finish_step;
+    QueryMoments.defer folds them in later, in batches), so the layer loop has no
+    per-request work."""
 
     observations: list[Observation]
-    tokens: torch.Tensor
-    """[B] the query's row in the step's query tensor (built once per step)."""
+    queries: StepQueries
     positions: torch.Tensor
-    """[B] its logical position (RoPE)."""
+    """[B] each query's logical position (RoPE)."""
     rope: RopeTable
-    buffer: torch.Tensor | None = None
-    """[layers, B, q_heads, D] this step's queries, as the layers received them (rotated)."""
 
     def observe(self, layer: int, num_layers: int, query: torch.Tensor) -> None:
-        self.tokens = self.tokens.to(query.device)  # a no-op after the first layer
-        if self.buffer is None:
-            self.buffer = query.new_zeros(num_layers, len(self.observations), *query.shape[1:])
-        self.buffer[layer] = query[self.tokens]
+        self.queries.keep(layer, num_layers, query)
 
     def finish(self) -> None:
-        if self.buffer is None:
+        buffer = self.queries.gathered()  # rotated, as the layers received them
+        if buffer is None:
             return  # the forward never reached an observed layer
         for b, (ob, position) in enumerate(zip(self.observations, self.positions.tolist(),
                                                strict=True)):
-            ob.moments.defer(self.buffer[:, b], position, self.rope)
+            ob.moments.defer(buffer[:, b], position, self.rope)
 
 
 def finish_step(plan: StepPlan | None) -> None:

@@ -130,7 +130,12 @@ class EvictionRunnerMixin:
     def execute_model(self, *args, **kwargs):
         try:
             result = super().execute_model(*args, **kwargs)
-            stats.finish_step(stats.current_plan())
+            plan = stats.current_plan()
+            if plan is not None:
+                started = time.perf_counter()
+                stats.finish_step(plan)
+                metrics().scoring_seconds.inc(
+                    plan.scoring_seconds + time.perf_counter() - started)
             return result
         finally:
             stats.begin_step(None)  # dummy and profiling runs must never observe

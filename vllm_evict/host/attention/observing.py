@@ -10,7 +10,6 @@ from collections.abc import Callable
 import torch
 
 from vllm_evict.core import observation as stats
-from vllm_evict.host.metrics import metrics
 
 KvViews = Callable[[object, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(layer, kv_cache) -> (K, V) views [blocks, kv_heads, page_size, head_dim]."""
@@ -40,7 +39,7 @@ class ObservingImpl:
                 output[:n].view(n, self.num_heads, self.head_size),
                 attn_metadata.query_start_loc, attn_metadata.seq_lens,
                 attn_metadata.block_table, self.scale)
-            metrics().scoring_seconds.inc(time.perf_counter() - started)
+            plan.scoring_seconds += time.perf_counter() - started  # counted once per step
         return output
 
 
