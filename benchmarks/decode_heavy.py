@@ -8,8 +8,9 @@ of `--pages` pages of 32 tokens (96 x 32 = 3,072 tokens: vanilla can hold about 
 at their full length). Two real `vllm serve` processes in turn, in float32, with the same pool:
 vanilla vLLM (VLLM_PLUGINS="") and the plugin with `--kv-eviction none`, each policy's run
 choosing it per request (vllm_xargs) at budget 256. Reported from vLLM's /metrics: output
-tokens/s, preemptions, and the peak of running requests (sampled every 50 ms). Vanilla runs
-before and after the plugin's server; its baseline is their mean. Writes
+tokens/s, preemptions, and the peak of running requests (sampled every 250 ms). Vanilla runs
+before and after the plugin's server; its baseline is their mean (`--rounds 2` runs the policies
+twice, the second time in reverse, for the same reason). Writes
 docs/results/decode_heavy.{json,png} (`--name` for another file).
 """
 
@@ -36,6 +37,11 @@ def serve(label: str, args, extra: list[str], env: dict) -> VllmServer:
              str(args.pages), "--block-size", "32", "--max-num-seqs", "32", *extra]
     return VllmServer(args.model, flags, ROOT / ".cache" / f"bench-decode-heavy-{label}.log",
                       env=env)
+
+
+def mean_of(runs: list[dict]) -> dict:
+    """The runs' mean of every number."""
+    return {key: round(sum(r[key] for r in runs) / len(runs), 4) for key in runs[0]}
 
 
 def plot(result: dict) -> None:
@@ -72,6 +78,9 @@ def main() -> None:
     ap.add_argument("--server-arg", action="append", default=[],
                     help="an extra flag for the plugin's server, e.g. --server-arg=--kv-prefill-eviction "
                          "(its admission then counts each request's bound)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of every policy on the plugin's server, every other one in "
+                         "reverse order; each policy reports their mean")
     ap.add_argument("--name", default="decode_heavy",
                     help="docs/results/NAME.{json,png} (e.g. decode_heavy_16 for --requests 16)")
     args = ap.parse_args()
@@ -87,26 +96,29 @@ def main() -> None:
         return result
 
     vanilla_before = run_vanilla()
-    plugin = {}
+    rounds: dict[str, list[dict]] = {policy: [] for policy in args.policies}
     server = serve("plugin", args, ["--kv-eviction", "none", "--kv-slack", "64", *args.server_arg],
                    {})
     try:
-        for policy in args.policies:
-            plugin[policy] = asyncio.run(_run(server, args.model, *workload,
-                                              xargs={"kv_eviction": policy,
-                                                     "kv_budget": args.budget}))
-            print(policy, plugin[policy], flush=True)
+        for r in range(args.rounds):
+            # Every other round in reverse: on a host whose speed drifts, each policy's mean
+            # then sits at the middle of the run, as vanilla's (before and after) does.
+            for policy in args.policies if r % 2 == 0 else args.policies[::-1]:
+                rounds[policy].append(asyncio.run(_run(
+                    server, args.model, *workload,
+                    xargs={"kv_eviction": policy, "kv_budget": args.budget})))
+                print(policy, rounds[policy][-1], flush=True)
     finally:
         server.stop()
+    plugin = {policy: mean_of(runs) for policy, runs in rounds.items()}
     # Vanilla again after the plugin's runs: the host's speed drifts, so its baseline is the
     # mean of the two runs around them, and their gap says how far to trust the ratios.
     vanilla_after = run_vanilla()
-    vanilla = {key: round((value + vanilla_after[key]) / 2, 4)
-               for key, value in vanilla_before.items()}
+    vanilla = mean_of([vanilla_before, vanilla_after])
     base = vanilla["output_tok_per_s"]
     result = {"config": {**vars(args), "cpu_threads": os.cpu_count()}, "vanilla": vanilla,
               "vanilla_before_and_after": [vanilla_before, vanilla_after],
-              "plugin": plugin,
+              "plugin": plugin, "plugin_rounds": rounds,
               "tok_per_s_over_vanilla": {p: round(r["output_tok_per_s"] / base, 3)
                                          for p, r in plugin.items()}}
     print(write_json(args.name, result))

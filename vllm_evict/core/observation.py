@@ -464,13 +464,17 @@ def flush_pending_queries(pending: PendingQueries, score_buffers: list[torch.Ten
     slots = (page_slots(block_row, longest, page_size) if private is None
              else torch.arange(longest, device=device))
     unseen = torch.arange(longest, device=device)[None, :] >= lengths[:, None]  # [k, S]
+    # Each query's mask as an additive bias, broadcast over heads and group: scaling, masking
+    # and the product are then one baddbmm per layer.
+    group = queries.shape[2] // kv_heads
+    bias = torch.zeros(k, longest, device=device).masked_fill_(unseen, float("-inf"))
+    bias = bias[:, None, :].expand(k, group, longest).reshape(1, k * group, longest)
     own = slots[lengths - 1]
     for layer, key_view in enumerate(key_views):
         keys = gather_paged(key_view, pages, longest).float()  # [kv_heads, S, D]
-        q = queries[:, layer].float().view(k, kv_heads, -1, dim).transpose(0, 1)
-        logits = torch.bmm(q.reshape(kv_heads, -1, dim), keys.transpose(1, 2))
-        logits = logits.mul_(pending.scale).view(kv_heads, k, -1, longest)
-        logits.masked_fill_(unseen[None, :, None, :], float("-inf"))
+        q = queries[:, layer].float().view(k, kv_heads, group, dim).transpose(0, 1)
+        logits = torch.baddbmm(bias, q.reshape(kv_heads, k * group, dim), keys.transpose(1, 2),
+                               alpha=pending.scale).view(kv_heads, k, group, longest)
         if visible is not None:
             shown = visible[layer].to(device)
             logits[..., : shown.shape[1]].masked_fill_(~shown[:, None, None, :], float("-inf"))
