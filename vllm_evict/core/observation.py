@@ -281,12 +281,16 @@ def observe_layer(plan: StepPlan, kv_cache: torch.Tensor, key_view: torch.Tensor
         weights = torch.zeros(kv_heads, seq, dtype=torch.float32, device=query.device)
         for lo in range(start, n, QUERY_BLOCK):
             hi = min(n, lo + QUERY_BLOCK)
-            probs = attention_probs_reference(query[first + lo:first + hi], keys, scale, hidden,
-                                              first_position=seq - n + lo)
+            # No query of the block sees past its last query's own entry: the causal cut
+            # saves about a quarter of a long prompt's products (half of a one-chunk prompt's).
+            seen = seq - n + hi
+            probs = attention_probs_reference(
+                query[first + lo:first + hi], keys[:, :seen], scale,
+                None if hidden is None else hidden[:, :seen], first_position=seq - n + lo)
             if values is not None:
-                out = torch.einsum("nhgs,hsd->nhgd", probs, values).reshape(hi - lo, -1, dim)
-                output[first + lo:first + hi] = out.to(output.dtype)
-            weights += probs[max(0, observed - lo):].sum(dim=(0, 2))
+                out = torch.einsum("nhgs,hsd->nhgd", probs, values[:, :seen])
+                output[first + lo:first + hi] = out.reshape(hi - lo, -1, dim).to(output.dtype)
+            weights[:, :seen] += probs[max(0, observed - lo):].sum(dim=(0, 2))
         if ob.private_scores is not None:
             target, slots = ob.private_scores[layer], torch.arange(seq, device=query.device)
         else:
