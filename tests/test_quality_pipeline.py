@@ -78,7 +78,22 @@ def test_quality_pipeline_runs_resumes_and_reports(tiny_model, tmp_path):
     writer.close()
     assert _keys(run.read_results(results)) == expected
 
-    # 4. The report renders both files from the results.
+    # 4. --prefix-caching: each sample's first row publishes the prompt's pages, then its other
+    # rows read them. The first row on the fresh server found nothing cached (the control).
+    shared = run.main(_args(tiny_model, tmp_path, "--policies", "tova", "--budgets", "64", "96",
+                            "--prefix-caching"))
+    assert shared["rows_run"] == 2 * SAMPLES and not shared["errors"]
+    new = [r for r in run.read_results(results) if r["policy"] == "tova"]
+    assert all(r["prefix_caching"] for r in new) and len(new) == 2 * SAMPLES
+    leader = next(r for r in new if r["id"].endswith("-0") and r["budget"] == 64)
+    assert leader["cached_prompt_tokens"] == 0
+    for row in new:
+        if row["budget"] == 96:  # the tova rows that followed their sample's leader
+            assert row["cached_prompt_tokens"] >= row["prompt_tokens"] // 2, row
+    assert all(r.get("cached_prompt_tokens") is None for r in run.read_results(results)
+               if r["policy"] != "tova")
+
+    # 5. The report renders both files from the results.
     md, png = report.main(["--results", str(results), "--out-dir", str(tmp_path / "docs")])
     text = md.read_text()
     assert TASK in text and "streaming" in text and "full cache" in text and f"| {BUDGET} |" in text

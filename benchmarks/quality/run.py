@@ -108,7 +108,8 @@ def labelled(policy: str, label: str | None) -> str:
 async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[dict, str, Any]],
                         writer: ResultsWriter, concurrency: int, max_tokens: int,
                         prefill: bool, timeout: float, server: VllmServer | None,
-                        label: str | None = None) -> dict[str, Any]:
+                        label: str | None = None, prefix_caching: bool = False,
+                        server_args: str = "") -> dict[str, Any]:
     import openai
     from tqdm.auto import tqdm
 
@@ -141,6 +142,7 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
                 return
             latency = time.perf_counter() - started
         output = res.choices[0].message.content or ""
+        details = getattr(res.usage, "prompt_tokens_details", None)
         row = {
             "model": model_tag, "id": sample["id"], "task": sample["task"],
             "ruler_task": sample["ruler_task"], "context_len": sample["context_len"],
@@ -150,6 +152,9 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
             "completion_tokens": res.usage.completion_tokens,
             "finish_reason": res.choices[0].finish_reason, "latency_s": round(latency, 3),
             "max_tokens": max_tokens, "prefill": prefill, "request_tag": tag,
+            "prefix_caching": prefix_caching, "server_args": server_args,
+            # The prompt tokens served from the prefix cache (with --prefix-caching).
+            "cached_prompt_tokens": getattr(details, "cached_tokens", None),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         writer.write(row)
@@ -157,12 +162,33 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
         tags[(policy, budget)].append(tag)
         bar.update(1)
 
+    async def leader_then_rest(group: list[tuple[dict, str, Any]]) -> None:
+        async with samples_in_flight:
+            await one(*group[0])
+            await asyncio.gather(*(one(*item) for item in group[1:]))
+
+    # With the prefix cache on, a sample's first request publishes its prompt's pages before the
+    # sample's other conditions start, and at most `concurrency` samples are open at once, so
+    # their pages stay cached until every condition has read them.
+    samples_in_flight = asyncio.Semaphore(concurrency)
     try:
-        await asyncio.gather(*(one(s, p, b) for s, p, b in todo))
+        if prefix_caching:
+            await asyncio.gather(*(leader_then_rest(g) for g in by_sample(todo)))
+        else:
+            await asyncio.gather(*(one(s, p, b) for s, p, b in todo))
     finally:
         bar.close()
         await client.close()
     return {"errors": errors, "scores": totals, "tags": tags}
+
+
+def by_sample(todo: list[tuple[dict, str, Any]]) -> list[list[tuple[dict, str, Any]]]:
+    """The rows grouped by sample, in order of each sample's first row; within a group the
+    full cache (which reads the whole prompt and publishes every page) leads."""
+    groups: dict[str, list[tuple[dict, str, Any]]] = {}
+    for item in todo:
+        groups.setdefault(item[0]["id"], []).append(item)
+    return [sorted(g, key=lambda item: item[1] != FULL_CACHE) for g in groups.values()]
 
 
 def model_tag_of(model: str) -> str:
@@ -216,7 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if url is None:
             log_path = Path(args.server_log or results.with_suffix(".server.log"))
             max_len = _max_model_len(args.model, args.max_model_len)
-            server_args = [*SERVER_ARGS, "--max-model-len", str(max_len), "--seed", "0",
+            base = ([a for a in SERVER_ARGS if a != "--no-enable-prefix-caching"]
+                    + ["--enable-prompt-tokens-details"] if args.prefix_caching
+                    else SERVER_ARGS)
+            server_args = [*base, "--max-model-len", str(max_len), "--seed", "0",
                            *args.server_arg]
             if args.policy_args:
                 server_args += ["--kv-policy-args", args.policy_args]
@@ -232,7 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = asyncio.run(_run_requests(
             url, model, tag, todo, writer, args.concurrency, args.max_tokens,
-            not args.no_prefill, args.request_timeout, server, args.label))
+            not args.no_prefill, args.request_timeout, server, args.label,
+            args.prefix_caching, " ".join(args.server_arg)))
     finally:
         writer.close()
         if t0 is not None:
@@ -319,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capped at the model's max_position_embeddings")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra `vllm serve` argument (repeat; use --server-arg=--flag)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="leave vLLM's prefix cache on and run each sample's full cache first, "
+                        "so the other conditions skip the prefill of the pages their policy "
+                        "does not read (the same kept tokens: tests/test_prefix_cache.py); "
+                        "latencies then no longer count the whole prefill")
     p.add_argument("--server-log", help="vllm serve log (default: RESULTS.server.log)")
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--cache-dir", default=str(ruler.DEFAULT_CACHE), help="RULER sample cache")
