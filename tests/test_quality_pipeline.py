@@ -81,10 +81,11 @@ def test_quality_pipeline_runs_resumes_and_reports(tiny_model, tmp_path):
     # 4. --prefix-caching: each sample's first row publishes the prompt's pages, then its other
     # rows read them. The first row on the fresh server found nothing cached (the control).
     shared = run.main(_args(tiny_model, tmp_path, "--policies", "tova", "--budgets", "64", "96",
-                            "--prefix-caching"))
+                            "--prefix-caching", "--server-arg=--max-num-seqs=8"))
     assert shared["rows_run"] == 2 * SAMPLES and not shared["errors"]
     new = [r for r in run.read_results(results) if r["policy"] == "tova"]
     assert all(r["prefix_caching"] for r in new) and len(new) == 2 * SAMPLES
+    assert all(r["server_args"] == "--max-num-seqs=8" for r in new)
     leader = next(r for r in new if r["id"].endswith("-0") and r["budget"] == 64)
     assert leader["cached_prompt_tokens"] == 0
     for row in new:
@@ -98,6 +99,13 @@ def test_quality_pipeline_runs_resumes_and_reports(tiny_model, tmp_path):
     text = md.read_text()
     assert TASK in text and "streaming" in text and "full cache" in text and f"| {BUDGET} |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One file, two settings: the server flags each row records tell them apart.
+    md, _ = report.main(["--results", str(results), "--out-dir", str(tmp_path / "only"),
+                         "--with-server-arg=--max-num-seqs=8"])
+    assert "tova" in md.read_text() and "streaming" not in md.read_text()
+    md, _ = report.main(["--results", str(results), "--out-dir", str(tmp_path / "without"),
+                         "--without-server-arg=--max-num-seqs=8"])
+    assert "streaming" in md.read_text() and "tova" not in md.read_text()
 
 
 def test_kvpress_jobs_written_for_another_machine_come_back_as_scored_rows(tiny_model, tmp_path):

@@ -245,17 +245,26 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                    help="one or more results JSONL files (e.g. ours and kvpress's)")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT))
     p.add_argument("--model", help="model to plot (default: the one with most rows)")
+    p.add_argument("--with-server-arg", action="append", default=[], metavar="ARG",
+                   help="keep only rows whose server ran with ARG (their `server_args`), "
+                        "e.g. --with-server-arg=--kv-prefill-eviction; repeatable")
+    p.add_argument("--without-server-arg", action="append", default=[], metavar="ARG",
+                   help="drop rows whose server ran with ARG; repeatable")
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for path in args.results:
         rows += read_results(Path(path))
+    rows = [r for r in rows if _server_args_match(r, args.with_server_arg,
+                                                  args.without_server_arg)]
     if not rows:
         raise SystemExit(f"no results in {', '.join(args.results)}")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, png_path = out_dir / "quality.md", out_dir / "quality.png"
     by_task = out_dir / "quality_by_task.png"
-    sources = ", ".join(_rel(Path(p)) for p in args.results)
+    sources = ", ".join(_rel(Path(p)) for p in args.results) + "".join(
+        [f", rows served with {a}" for a in args.with_server_arg]
+        + [f", rows served without {a}" for a in args.without_server_arg])
     model = args.model or max({r["model"] for r in rows}, key=lambda m: sum(r["model"] == m for r in rows))
     mrows = [r for r in rows if r["model"] == model]
     context = min({r["context_len"] for r in mrows})
@@ -267,6 +276,14 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     plot(rows, by_task, args.model)
     print(f"[report] {len(rows)} rows -> {md_path} and {png_path}")
     return md_path, png_path
+
+
+def _server_args_match(row: dict[str, Any], wanted: list[str], unwanted: list[str]) -> bool:
+    """Whether the row's server ran with every `wanted` argument and none of `unwanted`: one
+    results file holds several settings (e.g. question after compression), told apart by the
+    server flags each row records."""
+    used = (row.get("server_args") or "").split()
+    return all(a in used for a in wanted) and not any(a in used for a in unwanted)
 
 
 def _rel(path: Path) -> str:

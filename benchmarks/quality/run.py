@@ -109,7 +109,7 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
                         writer: ResultsWriter, concurrency: int, max_tokens: int,
                         prefill: bool, timeout: float, server: VllmServer | None,
                         label: str | None = None, prefix_caching: bool = False,
-                        server_args: str = "") -> dict[str, Any]:
+                        server_args: str | None = "") -> dict[str, Any]:
     import openai
     from tqdm.auto import tqdm
 
@@ -262,7 +262,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = asyncio.run(_run_requests(
             url, model, tag, todo, writer, args.concurrency, args.max_tokens,
             not args.no_prefill, args.request_timeout, server, args.label,
-            args.prefix_caching, " ".join(args.server_arg)))
+            args.prefix_caching,
+            # --server-arg reaches only a server started here; with --url they are unknown.
+            " ".join(args.server_arg) if server is not None else None))
     finally:
         writer.close()
         if t0 is not None:
