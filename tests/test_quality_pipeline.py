@@ -78,21 +78,24 @@ def test_quality_pipeline_runs_resumes_and_reports(tiny_model, tmp_path):
     writer.close()
     assert _keys(run.read_results(results)) == expected
 
-    # 4. --prefix-caching: each sample's first row publishes the prompt's pages, then its other
-    # rows read them. The first row on the fresh server found nothing cached (the control).
+    # 4. --prefix-caching, on a server with another flag: another setting, so the full cache
+    # runs again (a setting never borrows another's baseline). Each sample's full cache runs
+    # first and publishes the prompt's pages, then its tova rows read them. The first row on
+    # the fresh server found nothing cached (the control).
     shared = run.main(_args(tiny_model, tmp_path, "--policies", "tova", "--budgets", "64", "96",
                             "--prefix-caching", "--server-arg=--max-num-seqs=8"))
-    assert shared["rows_run"] == 2 * SAMPLES and not shared["errors"]
-    new = [r for r in run.read_results(results) if r["policy"] == "tova"]
-    assert all(r["prefix_caching"] for r in new) and len(new) == 2 * SAMPLES
-    assert all(r["server_args"] == "--max-num-seqs=8" for r in new)
-    leader = next(r for r in new if r["id"].endswith("-0") and r["budget"] == 64)
+    assert shared["rows_run"] == 3 * SAMPLES and not shared["errors"]
+    new = [r for r in run.read_results(results) if r["server_args"] == "--max-num-seqs=8"]
+    assert sorted({r["policy"] for r in new}) == ["none", "tova"] and len(new) == 3 * SAMPLES
+    assert all(r["prefix_caching"] for r in new)
+    leader = next(r for r in new if r["id"].endswith("-0") and r["policy"] == "none")
     assert leader["cached_prompt_tokens"] == 0
     for row in new:
-        if row["budget"] == 96:  # the tova rows that followed their sample's leader
+        if row["policy"] == "tova":  # the rows that followed their sample's full cache
             assert row["cached_prompt_tokens"] >= row["prompt_tokens"] // 2, row
     assert all(r.get("cached_prompt_tokens") is None for r in run.read_results(results)
-               if r["policy"] != "tova")
+               if r not in new)
+    assert sum(r["policy"] == "none" for r in run.read_results(results)) == 2 * SAMPLES
 
     # 5. The report renders both files from the results.
     md, png = report.main(["--results", str(results), "--out-dir", str(tmp_path / "docs")])

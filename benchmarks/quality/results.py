@@ -30,7 +30,10 @@ def score(output: str, answers: Iterable[str]) -> float:
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    return (row["model"], row["id"], row["policy"], row["budget"])
+    """One row per (model, sample, policy, budget) and setting: the server flags a row records
+    (e.g. `--kv-prefill-eviction`, question after compression) make another setting of the same
+    sample, not a row already done."""
+    return (row["model"], row["id"], row["policy"], row["budget"], row.get("server_args") or "")
 
 
 def scores_twin(path: Path) -> Path | None:

@@ -219,8 +219,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s["_rank"] = rank[(s["task"], s["context_len"])]
         rank[(s["task"], s["context_len"])] += 1
     samples = sorted(samples, key=lambda s: s.pop("_rank"))  # stable: tasks stay in order
+    # --server-arg reaches only a server started here; with --url they are unknown.
+    recorded_args = " ".join(args.server_arg) if args.url is None else None
     todo = [(s, p, b) for s in samples for p, b in grid
-            if (tag, s["id"], labelled(p, args.label), b) not in done]
+            if row_key({"model": tag, "id": s["id"], "policy": labelled(p, args.label),
+                        "budget": b, "server_args": recorded_args}) not in done]
     print(f"[quality] {len(samples)} samples x {len(grid)} conditions = "
           f"{len(samples) * len(grid)} rows; {len(samples) * len(grid) - len(todo)} already in "
           f"{results}; {len(todo)} to run (samples ready in {gen_s:.1f} s)", flush=True)
@@ -262,9 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = asyncio.run(_run_requests(
             url, model, tag, todo, writer, args.concurrency, args.max_tokens,
             not args.no_prefill, args.request_timeout, server, args.label,
-            args.prefix_caching,
-            # --server-arg reaches only a server started here; with --url they are unknown.
-            " ".join(args.server_arg) if server is not None else None))
+            args.prefix_caching, recorded_args))
     finally:
         writer.close()
         if t0 is not None:
