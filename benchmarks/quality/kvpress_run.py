@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.kvpress_parity import kvpress_python
     from benchmarks.quality import tasks as ruler
-    from benchmarks.quality.run import ResultsWriter, model_tag_of, read_results, score
+    from benchmarks.quality.run import ResultsWriter, model_tag_of, read_results, row_key, score
 
     unknown = [p for p in args.policies if p != "none" and p not in PRESSES]
     if unknown:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tag = model_tag_of(args.model)
     results = Path(args.results)
-    done = {(r["model"], r["id"], r["policy"], r["budget"]) for r in read_results(results)}
+    done = {row_key(r) for r in read_results(results)}
     grid = [("none", None)] if "none" in args.policies else []
     grid += [(p, b) for p in args.policies if p != "none" for b in args.budgets]
     jobs, rows = [], {}
@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ids = None
         for policy, budget in grid:
             row_policy = KVPRESS_PREFIX + policy
-            if (tag, sample["id"], row_policy, budget) in done:
+            if row_key({"model": tag, "id": sample["id"], "policy": row_policy,
+                        "budget": budget}) in done:
                 continue
             ids = ids if ids is not None else chat_ids(tokenizer, sample, not args.no_prefill)
             key = f"{sample['id']}|{policy}|{budget}"
@@ -208,16 +209,16 @@ def record(line: str, rows: dict[str, dict[str, Any]], writer: Any, score: Any) 
 
 def import_outputs(args: argparse.Namespace) -> dict[str, Any]:
     """Record the outputs of a worker run elsewhere (--write-spec) into the results file."""
-    from benchmarks.quality.run import ResultsWriter, read_results, score
+    from benchmarks.quality.run import ResultsWriter, read_results, row_key, score
 
     rows = json.loads(Path(args.spec).read_text())["rows"]
-    done = {(r["model"], r["id"], r["policy"], r["budget"]) for r in read_results(Path(args.results))}
+    done = {row_key(r) for r in read_results(Path(args.results))}
     writer, finished = ResultsWriter(Path(args.results)), 0
     try:
         for line in Path(args.import_outputs).read_text().splitlines():
             if line.startswith("{"):
                 row = rows.get(json.loads(line)["key"])
-                if row and (row["model"], row["id"], row["policy"], row["budget"]) in done:
+                if row and row_key(row) in done:
                     continue
             finished += record(line, rows, writer, score)
     finally:
