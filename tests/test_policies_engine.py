@@ -13,10 +13,15 @@ from tests.conftest import run_engine_job
 from vllm_evict.core.dump import read_dump, records_for
 from vllm_evict.core.oracle import compare, load_reference_model, reference_logprobs
 from vllm_evict.core.policies import get_policy_class
+from vllm_evict.core.policies.snapkv import SnapKVPolicy
 
 pytestmark = pytest.mark.engine
 
-SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16}
+# snapkv and pyramidkv pool their window scores here (kernel 5; the default is 1) so that the
+# pooling stays covered end to end; their window is the default.
+POOL_KERNEL = 5
+SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16,
+          "policy_args": {p: {"pool_kernel": POOL_KERNEL} for p in ("snapkv", "pyramidkv")}}
 POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "keydiff", "knorm", "random",
             "expected_attention"]
 SHARED = {p for p in POLICIES if get_policy_class(p)().heads == "shared"}
@@ -99,10 +104,10 @@ def _expected_scores(policy: str, layer: dict, positions: torch.Tensor, computed
         return per_kv[:, :computed].sum(1)[heads, positions] / (computed - positions).double()
     if policy == "tova":  # the latest query
         return per_kv[:, computed - 1][heads, positions]
-    if policy == "snapkv":  # last 64 prompt queries, max-pooled over the prompt; then decode sums
-        n = len(PROMPT)
-        window = per_kv[:, n - 64:n, :n].sum(1)
-        pooled = F.max_pool1d(window[:, None], 5, stride=1, padding=2)[:, 0]
+    if policy == "snapkv":  # the last prompt queries, max-pooled over the prompt; then decode sums
+        n, w, k = len(PROMPT), SnapKVPolicy.observation_window, POOL_KERNEL
+        window = per_kv[:, n - w:n, :n].sum(1)
+        pooled = F.max_pool1d(window[:, None], k, stride=1, padding=k // 2)[:, 0]
         pooled = torch.cat([pooled, torch.zeros(kv_heads, per_kv.shape[-1] - n, dtype=pooled.dtype)], 1)
         return (pooled + per_kv[:, n:computed].sum(1))[heads, positions]
     keys = layer["keys"].double()[heads, positions]  # [kv_heads, n, D]

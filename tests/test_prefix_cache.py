@@ -20,7 +20,9 @@ from vllm_evict.core.oracle import compare, load_reference_model
 
 pytestmark = pytest.mark.engine
 
-SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16}
+SNAP_WINDOW = 64  # snapkv reads this many of the prompt's last queries (more than its question)
+SERVER = {"policy": "none", "budget": 64, "sink_tokens": 4, "window": 16, "slack": 16,
+          "policy_args": {"snapkv": {"observation_window": SNAP_WINDOW}}}
 PAGE = 32
 TOLERANCE = 1e-4
 PREFIX_LEN = 1500
@@ -33,7 +35,7 @@ def _tokens(seed: int, n: int) -> list[int]:
 
 
 PREFIX = _tokens(100, PREFIX_LEN)
-# name -> (prompt, vllm_xargs). snapkv's question is short, so its 64-query observation window
+# name -> (prompt, vllm_xargs). snapkv's question is short, so its observation window
 # reaches back into the shared pages and the hit must stop below it.
 REQUESTS = {
     "tova_a": (PREFIX + _tokens(101, 40), {"kv_eviction": "tova", "kv_budget": 256}),
@@ -127,7 +129,7 @@ def test_a_hit_never_covers_a_prompt_query_the_policy_reads(runs):
     pages (1,440) although 46 are cached. h2o accumulates over every prompt query: no hit."""
     r = runs["results"]
     prompt_len = len(REQUESTS["snapkv"][0])
-    assert r[("cached", "snapkv")]["num_cached_tokens"] == (prompt_len - 64) // PAGE * PAGE
+    assert r[("cached", "snapkv")]["num_cached_tokens"] == (prompt_len - SNAP_WINDOW) // PAGE * PAGE
     assert r[("cached", "h2o")]["num_cached_tokens"] == 0
 
 

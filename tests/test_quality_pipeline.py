@@ -173,3 +173,25 @@ def test_default_results_keep_a_tracked_twin_without_outputs(tmp_path, monkeypat
     other = tmp_path / "other.jsonl"
     results.ResultsWriter(other).write(row)
     assert len(results.read_results(twin)) == 2 and results.read_results(other) == [row]
+
+
+def test_report_keeps_the_matching_policies_and_the_full_caches_they_need(tmp_path):
+    """--policies keeps the policies that match a pattern, and only the full caches (system and
+    context length) their retention is measured against."""
+    results = tmp_path / "results.jsonl"
+    base = {"model": "m", "task": TASK, "max_tokens": 8, "prefill": True, "prompt_tokens": 100}
+    rows = [{**base, "id": f"{TASK}-{ctx}-{i}", "context_len": ctx, "policy": policy,
+             "budget": budget, "score": score}
+            for i in range(3)
+            for ctx, policy, budget, score in [
+                (2048, "none", None, 1.0), (2048, "kvpress-none", None, 1.0), (2048, "snapkv", 512, 0.5),
+                (2048, "snapkv:w8k1", 512, 1.0), (2048, "tova", 512, 0.0),
+                (2048, "kvpress-snapkv", 512, 0.5)]]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md, _ = report.main(["--results", str(results), "--out-dir", str(tmp_path / "out"),
+                         "--policies", "snapkv*"])
+    text = md.read_text()
+    assert "snapkv:w8k1" in text and "| snapkv |" in text
+    assert "tova" not in text and "kvpress-" not in text and "kvpress full cache" not in text
+    md, _ = report.main(["--results", str(results), "--out-dir", str(tmp_path / "all")])
+    assert all(p in md.read_text() for p in ("tova", "kvpress-snapkv", "kvpress full cache"))

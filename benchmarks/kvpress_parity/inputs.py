@@ -19,6 +19,7 @@ from benchmarks.kvpress_parity import (
     PROTECT,
     QUESTION,
     ROOT,
+    SNAP_ARGS,
     TORCH_VERSION,
     TRANSFORMERS_SPEC,
     args_label,
@@ -90,6 +91,13 @@ def build_prompt(tokenizer, text: str, target: int) -> list[int]:
     return ids
 
 
+def our_args(case: dict) -> dict:
+    """Our policy's arguments for a case: its ARGS, on top of kvpress's SnapKV parameters for
+    snapkv and pyramidkv."""
+    snap = SNAP_ARGS if case["policy"] in ("snapkv", "pyramidkv") else {}
+    return {**snap, **case["args"]}
+
+
 def run_ours(cases: list[dict], prompts: dict[str, list[int]], budgets: dict[str, int],
              work: Path, reuse: bool = False) -> tuple[dict[str, list], dict]:
     """One engine per (sink_tokens, window); each case is one request with its own policy and
@@ -114,7 +122,7 @@ def run_ours(cases: list[dict], prompts: dict[str, list[int]], budgets: dict[str
         dump = job / "dump"
         job.mkdir(parents=True, exist_ok=True)
         server = {"policy": "none", "budget": 2048, "sink_tokens": sinks, "window": window,
-                  "slack": 0, "policy_args": {c["policy"]: json.loads(args) for c in group}}
+                  "slack": 0, "policy_args": {c["policy"]: our_args(c) for c in group}}
         # One request at a time and one prefill chunk each, so the first compaction happens at
         # logical length == prompt length, right where kvpress compresses.
         engine = {"model": str(MODEL), "dtype": "float32", "enforce_eager": True, "seed": 0,

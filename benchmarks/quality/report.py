@@ -17,6 +17,7 @@ uncompressed baseline as `kvpress-none` with budget null; they get their own col
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import sys
 from collections import defaultdict
@@ -250,12 +251,16 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                         "e.g. --with-server-arg=--kv-prefill-eviction; repeatable")
     p.add_argument("--without-server-arg", action="append", default=[], metavar="ARG",
                    help="drop rows whose server ran with ARG; repeatable")
+    p.add_argument("--policies", nargs="+", default=["*"], metavar="PATTERN",
+                   help="keep only policies matching one of these shell patterns (e.g. "
+                        "'snapkv*' for snapkv and its labelled variants), with the full "
+                        "caches they are measured against")
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for path in args.results:
         rows += read_results(Path(path))
-    rows = [r for r in rows if _server_args_match(r, args.with_server_arg,
-                                                  args.without_server_arg)]
+    rows = _matching_policies([r for r in rows if _server_args_match(
+        r, args.with_server_arg, args.without_server_arg)], args.policies)
     if not rows:
         raise SystemExit(f"no results in {', '.join(args.results)}")
     out_dir = Path(args.out_dir)
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     by_task = out_dir / "quality_by_task.png"
     sources = ", ".join(_rel(Path(p)) for p in args.results) + "".join(
         [f", rows served with {a}" for a in args.with_server_arg]
-        + [f", rows served without {a}" for a in args.without_server_arg])
+        + [f", rows served without {a}" for a in args.without_server_arg]
+        + ([f", policies {' '.join(args.policies)}"] if args.policies != ["*"] else []))
     model = args.model or max({r["model"] for r in rows}, key=lambda m: sum(r["model"] == m for r in rows))
     mrows = [r for r in rows if r["model"] == model]
     context = min({r["context_len"] for r in mrows})
@@ -284,6 +290,16 @@ def _server_args_match(row: dict[str, Any], wanted: list[str], unwanted: list[st
     server flags each row records."""
     used = (row.get("server_args") or "").split()
     return all(a in used for a in wanted) and not any(a in used for a in unwanted)
+
+
+def _matching_policies(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
+    """The rows of the policies that match a pattern, and the full caches they are measured
+    against (same system and context length)."""
+    kept = [r for r in rows if r["budget"] is not None
+            and any(fnmatch.fnmatchcase(r["policy"], pat) for pat in patterns)]
+    needed = {(retention.baseline_of(r["policy"]), r["context_len"]) for r in kept}
+    return kept + [r for r in rows if r["budget"] is None
+                   and (r["policy"], r["context_len"]) in needed]
 
 
 def _rel(path: Path) -> str:

@@ -109,7 +109,8 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
                         writer: ResultsWriter, concurrency: int, max_tokens: int,
                         prefill: bool, timeout: float, server: VllmServer | None,
                         label: str | None = None, prefix_caching: bool = False,
-                        server_args: str | None = "") -> dict[str, Any]:
+                        server_args: str | None = "",
+                        policy_args: dict[str, dict] | None = None) -> dict[str, Any]:
     import openai
     from tqdm.auto import tqdm
 
@@ -157,6 +158,8 @@ async def _run_requests(url: str, model: str, model_tag: str, todo: list[tuple[d
             "cached_prompt_tokens": getattr(details, "cached_tokens", None),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if policy in (policy_args or {}):  # what the label stands for
+            row["policy_args"] = {policy: policy_args[policy]}
         writer.write(row)
         totals[(policy, budget)].append(row["score"])
         tags[(policy, budget)].append(tag)
@@ -265,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = asyncio.run(_run_requests(
             url, model, tag, todo, writer, args.concurrency, args.max_tokens,
             not args.no_prefill, args.request_timeout, server, args.label,
-            args.prefix_caching, recorded_args))
+            args.prefix_caching, recorded_args,
+            json.loads(args.policy_args) if args.policy_args else None))
     finally:
         writer.close()
         if t0 is not None:

@@ -69,7 +69,7 @@ class EvictionConfig(BaseModel):
     """With prefill_eviction: the logical positions (multiples of this) where prefill stops and
     compacts. Fixed points, so the kept sets never depend on how a busy scheduler batches."""
     policy_args: dict[str, dict[str, Any]] = {}
-    """Per policy, values for its dataclass fields, e.g. {"snapkv": {"observation_window": 32},
+    """Per policy, values for its dataclass fields, e.g. {"snapkv": {"observation_window": 64},
     "pyramidkv": {"beta": 10}}; they apply to every request that runs that policy. A server
     setting: requests choose a policy and a budget, not its parameters."""
 

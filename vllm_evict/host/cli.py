@@ -99,7 +99,7 @@ def add_eviction_args(parser: argparse.ArgumentParser) -> None:
                        f"multiple of N past the cap. Default {defaults.prefill_chunk}.")
     group.add_argument("--kv-policy-args", default=argparse.SUPPRESS, metavar="JSON",
                        help="Per-policy parameters, applied to every request that runs the "
-                       'policy, e.g. \'{"snapkv": {"observation_window": 32}, "pyramidkv": '
+                       'policy, e.g. \'{"snapkv": {"observation_window": 64}, "pyramidkv": '
                        '{"beta": 10}}\'. Parameters: snapkv/pyramidkv observation_window, '
                        "pool_kernel; pyramidkv beta; random seed. Requests cannot set them.")
 
