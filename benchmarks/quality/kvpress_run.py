@@ -87,7 +87,8 @@ def worker(spec_path: str, device: str = "cpu", model_dir: str | None = None) ->
         if job["policy"] != "none":
             name, kwargs = PRESSES[job["policy"]]
             ratio = max(0.0, 1.0 - job["budget"] / ids.shape[1])
-            press = getattr(kvpress, name)(compression_ratio=ratio, **kwargs)
+            press = getattr(kvpress, name)(compression_ratio=ratio,
+                                           **{**kwargs, **job.get("press_args", {})})
         started = time.perf_counter()
         with torch.no_grad():
             if press is None:
@@ -123,12 +124,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.kvpress_parity import kvpress_python
     from benchmarks.quality import tasks as ruler
-    from benchmarks.quality.run import ResultsWriter, model_tag_of, read_results, row_key, score
+    from benchmarks.quality.run import (
+        ResultsWriter,
+        labelled,
+        model_tag_of,
+        read_results,
+        row_key,
+        score,
+    )
 
     unknown = [p for p in args.policies if p != "none" and p not in PRESSES]
     if unknown:
         sys.exit(f"kvpress_run: no kvpress press for {unknown}; choose from "
                  f"none {' '.join(PRESSES)}")
+    press_args = json.loads(args.press_args) if args.press_args else {}
     samples = ruler.load_samples(args.tasks, args.context_lens, args.samples, args.model,
                                  args.seed, args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -141,18 +150,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for sample in samples:
         ids = None
         for policy, budget in grid:
-            row_policy = KVPRESS_PREFIX + policy
+            row_policy = KVPRESS_PREFIX + labelled(policy, args.label)
             if row_key({"model": tag, "id": sample["id"], "policy": row_policy,
                         "budget": budget}) in done:
                 continue
             ids = ids if ids is not None else chat_ids(tokenizer, sample, not args.no_prefill)
             key = f"{sample['id']}|{policy}|{budget}"
-            jobs.append({"key": key, "policy": policy, "budget": budget, "input_ids": ids})
+            jobs.append({"key": key, "policy": policy, "budget": budget, "input_ids": ids,
+                         "press_args": press_args.get(policy, {})})
             rows[key] = {"model": tag, "id": sample["id"], "task": sample["task"],
                          "ruler_task": sample["ruler_task"], "context_len": sample["context_len"],
                          "seed": sample["seed"], "policy": row_policy, "budget": budget,
                          "answers": sample["answers"], "prompt_tokens": len(ids),
                          "max_tokens": args.max_tokens, "prefill": not args.no_prefill}
+            if policy in press_args:  # what the label stands for
+                rows[key]["press_args"] = {policy: press_args[policy]}
     # Condition by condition (full cache, then the largest budget first, policies in the order
     # given), every sample of one before the next: a run cut short leaves whole cells.
     order = {p: i for i, p in enumerate(args.policies)}
@@ -243,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["none", *PRESSES],
                    help="our policy names, mapped to kvpress presses; 'none' is HF's full cache")
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
+    p.add_argument("--press-args", metavar="JSON",
+                   help="per policy, press arguments over the matched ones, e.g. "
+                        "'{\"snapkv\": {\"window_size\": 32}}'; use with --label")
+    p.add_argument("--label", help="suffix for the policy names in the results "
+                                   "(kvpress-POLICY:LABEL), naming this run's --press-args")
     p.add_argument("--results", default=str(vllm_run.DEFAULT_RESULTS))
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-prefill", action="store_true")
