@@ -78,8 +78,9 @@ for _p in ("tova", "snapkv", "keydiff", "expected_attention"):
 def args_label(args: dict) -> str:
     return ",".join(f"{v}" if k == "heads" else f"{k}={v}" for k, v in sorted(args.items()))
 SNAP_WINDOW, SNAP_KERNEL = 64, 5  # kvpress's SnapKV/PyramidKV defaults
-# ...given to our snapkv and pyramidkv on top of ARGS: our defaults differ (a shorter window,
-# no pooling: docs/quality.md, "SnapKV's observation window"), and parity compares one definition.
+# Our snapkv and pyramidkv run with kvpress's parameters (under ARGS): our defaults differ (a
+# shorter window, no pooling: docs/quality.md, "SnapKV's observation window"), and parity
+# compares one definition.
 SNAP_ARGS = {"observation_window": SNAP_WINDOW, "pool_kernel": SNAP_KERNEL}
 # What each kvpress press always keeps, expressed in our config (sink_tokens, window):
 # StreamingLLMPress keeps n_sink=4 + the most recent; TOVAPress force-keeps the last token
