@@ -14,7 +14,7 @@ class SnapKVPolicy(Policy):
     statistic = Statistic.PREFILL_WINDOW_ATTENTION
     heads: str = "shared"  # measured: docs/quality.md, "Head aggregation"
     # The SnapKV paper's window, without its pooling: measured on 60 RULER prompts, a 64-query
-    # window and max-pooling each lost needle digits (docs/quality.md, "SnapKV's window").
+    # window and max-pooling each lost needle digits (docs/quality.md, "SnapKV's observation window").
     observation_window: int = 32
     pool_kernel: int = 1
 
